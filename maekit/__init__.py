@@ -1,0 +1,35 @@
+"""maekit: Masked Autoencoders (He et al., 2021) with a Hugging Face-native API.
+
+Importing maekit registers its classes with transformers' Auto classes.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForPreTraining
+
+from .configuration_mae import PRESETS, MAEConfig
+from .modeling_mae import (
+    MAEForPreTraining,
+    MAEForPreTrainingOutput,
+    MAEModel,
+    MAEModelOutput,
+    MAEPreTrainedModel,
+    patchify,
+    unpatchify,
+)
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "PRESETS",
+    "MAEConfig",
+    "MAEForPreTraining",
+    "MAEForPreTrainingOutput",
+    "MAEModel",
+    "MAEModelOutput",
+    "MAEPreTrainedModel",
+    "patchify",
+    "unpatchify",
+]
+
+AutoConfig.register(MAEConfig.model_type, MAEConfig, exist_ok=True)
+AutoModel.register(MAEConfig, MAEModel, exist_ok=True)
+AutoModelForPreTraining.register(MAEConfig, MAEForPreTraining, exist_ok=True)

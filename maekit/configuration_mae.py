@@ -1,0 +1,201 @@
+"""MAE model configuration."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+from transformers import PretrainedConfig
+from transformers.activations import ACT2FN
+
+__all__ = ["MAEConfig", "PRESETS"]
+
+_OFFICIAL_DECODER = {
+    "decoder_hidden_size": 512,
+    "decoder_num_hidden_layers": 8,
+    "decoder_num_attention_heads": 16,
+    "decoder_intermediate_size": 2048,
+}
+
+# Encoder sizes from the ViT / DeiT papers; the decoder and LayerNorm eps are those of the official MAE release.
+PRESETS: dict[str, dict] = {
+    "vit-tiny-patch16": {"hidden_size": 192, "num_hidden_layers": 12, "num_attention_heads": 3, "intermediate_size": 768},
+    "vit-small-patch16": {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6, "intermediate_size": 1536},
+    "vit-base-patch16": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072},
+    "vit-large-patch16": {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096},
+    "vit-huge-patch14": {
+        "hidden_size": 1280,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 16,
+        "intermediate_size": 5120,
+        "patch_size": 14,
+    },
+}
+for _preset in PRESETS.values():
+    _preset.setdefault("patch_size", 16)
+    _preset.update(image_size=224, layer_norm_eps=1e-6, **_OFFICIAL_DECODER)
+
+_POOLINGS = ("mean", "cls")
+
+
+def _pair(value) -> tuple[int, int]:
+    if isinstance(value, (list, tuple)):
+        return tuple(value)
+    return (value, value)
+
+
+@dataclass(repr=False)
+class MAEConfig(PretrainedConfig):
+    r"""Configuration of a Masked Autoencoder (ViT encoder + lightweight decoder).
+
+    Field names follow transformers' `ViTMAEConfig`, so a `vit_mae` config converts field by field. Defaults are the
+    official ViT-B/16 MAE (`MAEConfig.from_preset("vit-base-patch16")` gives the same model).
+
+    Args:
+        hidden_size (`int`, defaults to 768): width of the encoder.
+        num_hidden_layers (`int`, defaults to 12): number of encoder blocks.
+        num_attention_heads (`int`, defaults to 12): attention heads per encoder block; must divide `hidden_size`.
+        intermediate_size (`int`, defaults to 3072): hidden width of the encoder MLPs.
+        hidden_act (`str`, defaults to `"gelu"`): MLP activation, any key of `transformers.activations.ACT2FN`.
+        hidden_dropout_prob (`float`, defaults to 0.0): dropout after the attention projection and the MLP.
+        attention_probs_dropout_prob (`float`, defaults to 0.0): dropout on the attention probabilities.
+        initializer_range (`float`, defaults to 0.02): std of the normal init of the cls and mask tokens.
+        layer_norm_eps (`float`, defaults to 1e-6): LayerNorm epsilon (official MAE value; transformers uses 1e-12).
+        image_size (`int` or `(height, width)`, defaults to 224): input resolution the position tables are built for.
+        patch_size (`int` or `(height, width)`, defaults to 16): patch size; must divide `image_size`.
+        num_channels (`int`, defaults to 3): input channels.
+        qkv_bias (`bool`, defaults to `True`): bias on the fused query/key/value projection.
+        decoder_num_attention_heads (`int`, defaults to 16): attention heads per decoder block.
+        decoder_hidden_size (`int`, defaults to 512): width of the decoder.
+        decoder_num_hidden_layers (`int`, defaults to 8): number of decoder blocks.
+        decoder_intermediate_size (`int`, defaults to 2048): hidden width of the decoder MLPs.
+        mask_ratio (`float`, defaults to 0.75): fraction of patches removed during pretraining, in [0, 1).
+        norm_pix_loss (`bool`, defaults to `False`): regress per-patch normalized pixels (mean 0, unit variance).
+        drop_path_rate (`float`, defaults to 0.0): stochastic depth of the encoder, increasing linearly over depth.
+        pooling (`str`, defaults to `"mean"`): how `MAEForImageClassification` pools: `"mean"` of the patch tokens
+            followed by `fc_norm` (the official fine-tuning default) or the `"cls"` token after the final norm.
+
+    Example:
+
+    ```python
+    from maekit import MAEConfig
+
+    config = MAEConfig.from_preset("vit-base-patch16", norm_pix_loss=True)
+    assert config.num_patches == 196
+    ```
+    """
+
+    model_type = "maekit_mae"
+
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.0
+    attention_probs_dropout_prob: float = 0.0
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-6
+    image_size: int | list[int] | tuple[int, int] = 224
+    patch_size: int | list[int] | tuple[int, int] = 16
+    num_channels: int = 3
+    qkv_bias: bool = True
+    decoder_num_attention_heads: int = 16
+    decoder_hidden_size: int = 512
+    decoder_num_hidden_layers: int = 8
+    decoder_intermediate_size: int = 2048
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = False
+    drop_path_rate: float = 0.0
+    pooling: str = "mean"
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.validate()
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> MAEConfig:
+        """Build the configuration of a published model size; keyword arguments override single fields."""
+        if name not in PRESETS:
+            raise ValueError(f"Unknown preset {name!r}; known presets: {', '.join(PRESETS)}.")
+        return cls(**{**copy.deepcopy(PRESETS[name]), **overrides})
+
+    # Derived geometry (image_size/patch_size may be an int or (height, width); JSON turns tuples into lists).
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        return _pair(self.image_size)
+
+    @property
+    def patch_hw(self) -> tuple[int, int]:
+        return _pair(self.patch_size)
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """Number of patches along (height, width)."""
+        (h, w), (p, q) = self.image_hw, self.patch_hw
+        return h // p, w // q
+
+    @property
+    def num_patches(self) -> int:
+        gh, gw = self.grid_size
+        return gh * gw
+
+    @property
+    def patch_dim(self) -> int:
+        """Length of one patch vector, p * q * num_channels."""
+        p, q = self.patch_hw
+        return p * q * self.num_channels
+
+    def validate(self) -> None:
+        """Raise `ValueError` naming the first invalid field. Called on construction and by the models."""
+        for name in (
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "num_channels",
+            "decoder_hidden_size",
+            "decoder_num_hidden_layers",
+            "decoder_num_attention_heads",
+            "decoder_intermediate_size",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        for width, heads in (("hidden_size", "num_attention_heads"), ("decoder_hidden_size", "decoder_num_attention_heads")):
+            if getattr(self, width) % getattr(self, heads):
+                raise ValueError(
+                    f"{width} ({getattr(self, width)}) must be divisible by {heads} ({getattr(self, heads)})."
+                )
+        for name in ("image_size", "patch_size"):
+            value = getattr(self, name)
+            pair = _pair(value)
+            if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in pair):
+                raise ValueError(f"{name} must be a positive integer or a (height, width) pair of them, got {value!r}.")
+        for axis, size, patch in zip(("height", "width"), self.image_hw, self.patch_hw):
+            if size % patch:
+                raise ValueError(
+                    f"image_size {axis} ({size}) must be divisible by patch_size {axis} ({patch}); "
+                    f"got image_size={self.image_size!r}, patch_size={self.patch_size!r}."
+                )
+        if not isinstance(self.mask_ratio, (int, float)) or isinstance(self.mask_ratio, bool):
+            raise ValueError(f"mask_ratio must be a number in [0, 1), got {self.mask_ratio!r}.")
+        if not 0 <= self.mask_ratio < 1:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio!r}.")
+        if self.hidden_act not in ACT2FN:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is unknown; accepted: {', '.join(sorted(ACT2FN))}.")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise ValueError(f"{name} must be a probability in [0, 1), got {value!r}.")
+        if not self.layer_norm_eps > 0:
+            raise ValueError(f"layer_norm_eps must be > 0, got {self.layer_norm_eps!r}.")
+        if not self.initializer_range > 0:
+            raise ValueError(f"initializer_range must be > 0, got {self.initializer_range!r}.")
+        if self.pooling not in _POOLINGS:
+            raise ValueError(f"pooling must be one of {_POOLINGS}, got {self.pooling!r}.")
+        for width in ("hidden_size", "decoder_hidden_size"):
+            if getattr(self, width) % 4:
+                raise ValueError(
+                    f"{width} ({getattr(self, width)}) must be divisible by 4 for 2-D sin-cos position embeddings."
+                )

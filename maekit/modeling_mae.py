@@ -1,0 +1,582 @@
+"""Masked Autoencoder (He et al., 2021): ViT encoder on visible patches, light decoder, pixel MSE on masked ones.
+
+Reading order follows the official `models_mae.py`: patches -> random masking -> encoder -> decoder -> loss.
+Patch vectors are ordered (p, q, c): row inside the patch, column inside the patch, channel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.utils import ModelOutput, logging
+
+from .configuration_mae import MAEConfig
+
+logger = logging.get_logger(__name__)
+
+__all__ = [
+    "MAEModel",
+    "MAEForPreTraining",
+    "MAEPreTrainedModel",
+    "MAEModelOutput",
+    "MAEForPreTrainingOutput",
+    "patchify",
+    "unpatchify",
+    "sincos_pos_embed_2d",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Outputs
+
+
+@dataclass
+class MAEModelOutput(ModelOutput):
+    """Output of `MAEModel`.
+
+    Args:
+        last_hidden_state (`torch.Tensor` of shape `(batch, 1 + kept, hidden_size)`): final-norm features of the cls
+            token and the visible patches (all patches when no masking was asked for).
+        pooler_output (`torch.Tensor` of shape `(batch, hidden_size)`): the cls token of `last_hidden_state`.
+        mask (`torch.Tensor` of shape `(batch, num_patches)`): 1 for removed patches, 0 for kept; `None` without
+            masking.
+        ids_restore (`torch.LongTensor` of shape `(batch, num_patches)`): `argsort` of the shuffle; `None` without
+            masking.
+        hidden_states (`tuple(torch.Tensor)`): embeddings and the output of every block (before the final norm).
+        attentions (`tuple(torch.Tensor)`): attention probabilities of every block, `(batch, heads, seq, seq)`.
+    """
+
+    last_hidden_state: torch.Tensor | None = None
+    pooler_output: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    ids_restore: torch.LongTensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class MAEForPreTrainingOutput(ModelOutput):
+    """Output of `MAEForPreTraining`.
+
+    Args:
+        loss (`torch.Tensor`, scalar): mean squared error over the masked patches (over all patches if none is masked).
+        logits (`torch.Tensor` of shape `(batch, num_patches, p * q * num_channels)`): predicted patch pixels, in the
+            (normalized, when `norm_pix_loss`) target space.
+        mask, ids_restore, hidden_states, attentions: as in `MAEModelOutput` (encoder side).
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    ids_restore: torch.LongTensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Patches and position embeddings
+
+
+def _pair(value) -> tuple[int, int]:
+    return tuple(value) if isinstance(value, (list, tuple)) else (value, value)
+
+
+def patchify(pixel_values: torch.Tensor, patch_size) -> torch.Tensor:
+    """(B, C, H, W) -> (B, L, p*q*C), patches in row-major order, each vector ordered (p, q, c)."""
+    p, q = _pair(patch_size)
+    b, c, h, w = pixel_values.shape
+    if h % p or w % q:
+        raise ValueError(f"pixel_values of size {h}x{w} is not divisible by patch_size {p}x{q}.")
+    x = pixel_values.reshape(b, c, h // p, p, w // q, q)
+    return torch.einsum("nchpwq->nhwpqc", x).reshape(b, (h // p) * (w // q), p * q * c)
+
+
+def unpatchify(patches: torch.Tensor, patch_size, image_size, num_channels: int | None = None) -> torch.Tensor:
+    """(B, L, p*q*C) -> (B, C, H, W); inverse of `patchify` for an image of `image_size` (int or (H, W))."""
+    p, q = _pair(patch_size)
+    h, w = _pair(image_size)
+    if h % p or w % q:
+        raise ValueError(f"image_size {h}x{w} is not divisible by patch_size {p}x{q}.")
+    gh, gw = h // p, w // q
+    b, length, dim = patches.shape
+    c = num_channels if num_channels is not None else dim // (p * q)
+    if length != gh * gw or dim != p * q * c:
+        raise ValueError(
+            f"patches of shape {tuple(patches.shape)} do not fit image_size {h}x{w} with patch_size {p}x{q} and "
+            f"{c} channels (expected ({b}, {gh * gw}, {p * q * c}))."
+        )
+    x = patches.reshape(b, gh, gw, p, q, c)
+    return torch.einsum("nhwpqc->nchpwq", x).reshape(b, c, h, w)
+
+
+def sincos_pos_embed_2d(embed_dim: int, grid_size, cls_token: bool = True) -> torch.Tensor:
+    """Fixed 2-D sin-cos position table in the official MAE layout, shape (1, [1 +] gh * gw, embed_dim).
+
+    Each row is [sin(w·ω), cos(w·ω), sin(h·ω), cos(h·ω)] with ω_i = 10000^(-i / (D/4)); rows are in row-major patch
+    order; the cls row (if any) is zeros. Computed in float64 as the official numpy code, returned as float32.
+    """
+    gh, gw = _pair(grid_size)
+    omega = 1.0 / 10000 ** (torch.arange(embed_dim // 4, dtype=torch.float64) / (embed_dim // 4))
+    hh, ww = torch.meshgrid(torch.arange(gh, dtype=torch.float64), torch.arange(gw, dtype=torch.float64), indexing="ij")
+    out_w = ww.reshape(-1, 1) * omega  # (gh*gw, D/4)
+    out_h = hh.reshape(-1, 1) * omega
+    table = torch.cat([out_w.sin(), out_w.cos(), out_h.sin(), out_h.cos()], dim=1)
+    if cls_token:
+        table = torch.cat([torch.zeros(1, embed_dim, dtype=torch.float64), table], dim=0)
+    return table.float().unsqueeze(0)
+
+
+def _resize_pos_embed(pos_embed: torch.Tensor, old_grid, new_grid) -> torch.Tensor:
+    """Bicubic 2-D resize of a (1, 1 + gh*gw, D) table to another grid (as transformers and the official fine-tuning)."""
+    old_grid, new_grid = tuple(old_grid), tuple(new_grid)
+    if old_grid == new_grid:
+        return pos_embed
+    cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
+    dim = pos_embed.shape[-1]
+    patch_pos = patch_pos.reshape(1, *old_grid, dim).permute(0, 3, 1, 2)
+    patch_pos = F.interpolate(patch_pos.float(), size=new_grid, mode="bicubic", align_corners=False)
+    patch_pos = patch_pos.to(pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, -1, dim)
+    return torch.cat([cls_pos, patch_pos], dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Transformer block (timm anatomy: fused qkv, SDPA, pre-norm, drop path)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch of a sample with probability `drop_prob` while training."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob}"
+
+
+class MAEAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool, attn_drop: float, proj_drop: float, config: MAEConfig):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.attn_drop = attn_drop
+        self.config = config  # read at call time: `_attn_implementation` may change after construction
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor, output_attentions: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        dropout_p = self.attn_drop if self.training else 0.0
+        attn = None
+        if output_attentions or self.config._attn_implementation == "eager":
+            attn = (q @ k.transpose(-2, -1)) * self.scale  # (B, heads, N, N)
+            attn = attn.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+            x = F.dropout(attn, dropout_p, self.training) @ v
+        else:
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        x = self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, d)))
+        return x, (attn if output_attentions else None)
+
+
+class MAEMlp(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int, act: str, drop: float):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = ACT2FN[act]
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.act(self.fc1(x))))
+
+
+class MAEBlock(GradientCheckpointingLayer):
+    """Pre-norm ViT block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, config: MAEConfig, dim: int, num_heads: int, mlp_dim: int, drop_path: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.attn = MAEAttention(
+            dim, num_heads, config.qkv_bias, config.attention_probs_dropout_prob, config.hidden_dropout_prob, config
+        )
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.mlp = MAEMlp(dim, mlp_dim, config.hidden_act, config.hidden_dropout_prob)
+
+    def forward(self, x: torch.Tensor, output_attentions: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attn_out, attn = self.attn(self.norm1(x), output_attentions)
+        x = x + self.drop_path(attn_out)
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return x, attn
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Base class: init, conversion on load
+
+
+class MAEPreTrainedModel(PreTrainedModel):
+    """Weight init as the official code, and `from_pretrained` that also reads transformers `vit_mae` checkpoints."""
+
+    config_class = MAEConfig
+    config: MAEConfig
+    base_model_prefix = "mae"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MAEBlock"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, MAEPatchEmbed):
+            # The official code initialises the patch projection like a Linear on flattened patches.
+            weight = module.proj.weight
+            init.xavier_uniform_(weight.view(weight.shape[0], -1))
+            init.zeros_(module.proj.bias)
+        elif isinstance(module, MAEModel):
+            init.normal_(module.cls_token, std=std)
+            init.copy_(module.pos_embed, sincos_pos_embed_2d(module.pos_embed.shape[-1], self.config.grid_size))
+        elif isinstance(module, MAEDecoder):
+            init.normal_(module.mask_token, std=std)
+            init.copy_(module.pos_embed, sincos_pos_embed_2d(module.pos_embed.shape[-1], self.config.grid_size))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """Load a maekit folder or Hub repo, or a transformers `vit_mae` one (converted on load).
+
+        Accepts every argument of `transformers.PreTrainedModel.from_pretrained`.
+        """
+        if kwargs.get("config") is None and pretrained_model_name_or_path is not None:
+            from .convert import is_transformers_vit_mae, load_transformers_vit_mae
+
+            if is_transformers_vit_mae(pretrained_model_name_or_path, **kwargs):
+                return load_transformers_vit_mae(cls, pretrained_model_name_or_path, **kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Encoder
+
+
+class MAEPatchEmbed(nn.Module):
+    """Linear projection of p×q patches. Stored as a Conv2d (official / timm layout) but applied as a matmul on
+    gathered patch vectors, so masked patches are never embedded."""
+
+    def __init__(self, config: MAEConfig):
+        super().__init__()
+        self.patch_size = config.patch_hw
+        self.proj = nn.Conv2d(config.num_channels, config.hidden_size, kernel_size=self.patch_size, stride=self.patch_size)
+
+    def patches(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, L, C*p*q): the (c, p, q) order of the conv weight, so a matmul equals the conv."""
+        p, q = self.patch_size
+        b, c, h, w = pixel_values.shape
+        x = pixel_values.reshape(b, c, h // p, p, w // q, q)
+        return x.permute(0, 2, 4, 1, 3, 5).reshape(b, (h // p) * (w // q), c * p * q)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        return F.linear(patches, self.proj.weight.flatten(1), self.proj.bias)
+
+
+def random_masking(batch: int, length: int, mask_ratio: float, noise: torch.Tensor | None, device) -> tuple:
+    """Per-sample random masking by shuffling: keep the `int(L * (1 - mask_ratio))` patches with the smallest noise.
+
+    Returns ids_keep (B, kept), mask (B, L) with 0 keep / 1 remove, ids_restore (B, L) that undoes the shuffle.
+    """
+    len_keep = int(length * (1 - mask_ratio))
+    if noise is None:
+        noise = torch.rand(batch, length, device=device)  # noise in [0, 1)
+    ids_shuffle = torch.argsort(noise, dim=1).to(device)  # ascend: small is keep, large is remove
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, :len_keep]
+    mask = (ids_restore >= len_keep).float()  # position j is removed iff its rank in the shuffle is >= len_keep
+    return ids_keep, mask, ids_restore
+
+
+def _gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """x (B or 1, L, D), ids (B, K) -> (B, K, D) without materialising repeated indices."""
+    if x.shape[0] != ids.shape[0]:
+        x = x.expand(ids.shape[0], -1, -1)
+    return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+class MAEModel(MAEPreTrainedModel):
+    """The MAE ViT encoder. Without `mask_ratio`/`noise` it embeds every patch (features for downstream use); with
+    them it encodes only the visible patches, as during pretraining.
+
+    Example:
+
+    ```python
+    import torch
+    from maekit import MAEConfig, MAEModel
+
+    config = MAEConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                       image_size=32, patch_size=8)
+    model = MAEModel(config).eval()
+    features = model(torch.randn(2, 3, 32, 32)).last_hidden_state  # (2, 1 + 16, 32)
+    assert features.shape == (2, 17, 32)
+    ```
+    """
+
+    # A pretraining checkpoint also holds the decoder: loading just the encoder from it is expected, not an error.
+    _keys_to_ignore_on_load_unexpected = [r"^decoder\."]
+
+    def __init__(self, config: MAEConfig):
+        super().__init__(config)
+        config.validate()
+        self.patch_embed = MAEPatchEmbed(config)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        # Fixed sin-cos table (not trained); persistent so checkpoints carry it, as the official and transformers ones.
+        self.register_buffer("pos_embed", torch.zeros(1, 1 + config.num_patches, config.hidden_size))
+        dpr = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
+        self.blocks = nn.ModuleList(
+            [
+                MAEBlock(config, config.hidden_size, config.num_attention_heads, config.intermediate_size, dpr[i])
+                for i in range(config.num_hidden_layers)
+            ]
+        )
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.patch_embed
+
+    def _check_pixel_values(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool) -> tuple[int, int]:
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4:
+            shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
+            raise ValueError(f"pixel_values must be a (batch, channels, height, width) tensor, got {shape}.")
+        _, c, h, w = pixel_values.shape
+        if c != self.config.num_channels:
+            raise ValueError(f"pixel_values has {c} channels but config.num_channels is {self.config.num_channels}.")
+        p, q = self.config.patch_hw
+        if interpolate_pos_encoding:
+            if h % p or w % q:
+                raise ValueError(f"pixel_values size {h}x{w} must be divisible by patch_size {p}x{q}.")
+        elif (h, w) != self.config.image_hw:
+            raise ValueError(
+                f"pixel_values size {h}x{w} does not match config.image_size {self.config.image_hw}; "
+                "pass interpolate_pos_encoding=True to run at another resolution."
+            )
+        return h // p, w // q
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        mask_ratio: float | None = None,
+        noise: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> MAEModelOutput | tuple:
+        r"""
+        Args:
+            pixel_values (`torch.Tensor` of shape `(batch, num_channels, height, width)`): normalized images.
+            mask_ratio (`float`, *optional*): remove this fraction of patches (random per sample). Default: no masking,
+                unless `noise` is given, which masks with `config.mask_ratio`.
+            noise (`torch.Tensor` of shape `(batch, num_patches)`, *optional*): masking noise; the patches with the
+                smallest values are kept. Makes masking reproducible.
+            interpolate_pos_encoding (`bool`): run at a resolution other than `config.image_size` by bicubic resizing
+                of the position table.
+        """
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+
+        grid = self._check_pixel_values(pixel_values, interpolate_pos_encoding)
+        pos_embed = self.pos_embed
+        if interpolate_pos_encoding:
+            pos_embed = _resize_pos_embed(pos_embed, self.config.grid_size, grid)
+        patches = self.patch_embed.patches(pixel_values)  # (B, L, C*p*q)
+        batch, length = patches.shape[:2]
+
+        mask = ids_restore = None
+        patch_pos = pos_embed[:, 1:]
+        if mask_ratio is not None or noise is not None:
+            mask_ratio = self.config.mask_ratio if mask_ratio is None else mask_ratio
+            if not 0 <= mask_ratio < 1:
+                raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio!r}.")
+            if noise is not None and tuple(noise.shape) != (batch, length):
+                raise ValueError(f"noise must have shape (batch, num_patches) = {(batch, length)}, got {tuple(noise.shape)}.")
+            ids_keep, mask, ids_restore = random_masking(batch, length, mask_ratio, noise, pixel_values.device)
+            mask = mask.to(pixel_values.dtype if pixel_values.is_floating_point() else torch.float32)
+            patches = _gather_tokens(patches, ids_keep)  # (B, kept, C*p*q): only visible patches get embedded
+            patch_pos = _gather_tokens(patch_pos, ids_keep)
+
+        x = self.patch_embed(patches) + patch_pos
+        cls = (self.cls_token + pos_embed[:, :1]).expand(batch, -1, -1)
+        x = torch.cat([cls, x], dim=1)  # (B, 1 + kept, D)
+
+        hidden_states = (x,) if output_hidden_states else None
+        attentions = () if output_attentions else None
+        for block in self.blocks:
+            x, attn = block(x, output_attentions)
+            if output_hidden_states:
+                hidden_states += (x,)
+            if output_attentions:
+                attentions += (attn,)
+        x = self.norm(x)
+
+        out = MAEModelOutput(
+            last_hidden_state=x,
+            pooler_output=x[:, 0],
+            mask=mask,
+            ids_restore=ids_restore,
+            hidden_states=hidden_states,
+            attentions=attentions,
+        )
+        return out if return_dict else out.to_tuple()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Decoder and pretraining head
+
+
+class MAEDecoder(nn.Module):
+    """Narrow ViT that sees encoder tokens plus a shared mask token for every removed patch, and predicts pixels."""
+
+    def __init__(self, config: MAEConfig):
+        super().__init__()
+        self.config = config
+        dim = config.decoder_hidden_size
+        self.embed = nn.Linear(config.hidden_size, dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.register_buffer("pos_embed", torch.zeros(1, 1 + config.num_patches, dim))
+        self.blocks = nn.ModuleList(
+            [
+                MAEBlock(config, dim, config.decoder_num_attention_heads, config.decoder_intermediate_size)
+                for _ in range(config.decoder_num_hidden_layers)
+            ]
+        )
+        self.norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.pred = nn.Linear(dim, config.patch_dim)
+
+    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        x = self.embed(latent)  # (B, 1 + kept, Dd)
+        batch, length, dim = x.shape[0], ids_restore.shape[1], x.shape[2]
+        mask_tokens = self.mask_token.expand(batch, length + 1 - x.shape[1], -1)
+        x_ = torch.cat([x[:, 1:], mask_tokens], dim=1)  # (B, L, Dd) in shuffled order
+        x_ = _gather_tokens(x_, ids_restore)  # unshuffle
+        x = torch.cat([x[:, :1], x_], dim=1) + _resize_pos_embed(self.pos_embed, self.config.grid_size, grid)
+        for block in self.blocks:
+            x, _ = block(x)
+        x = self.pred(self.norm(x))
+        return x[:, 1:]  # (B, L, p*q*C), cls dropped
+
+
+class MAEForPreTraining(MAEPreTrainedModel):
+    """MAE encoder + decoder with the pixel reconstruction loss.
+
+    Example:
+
+    ```python
+    import torch
+    from maekit import MAEConfig, MAEForPreTraining
+
+    config = MAEConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                       decoder_hidden_size=32, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
+                       decoder_intermediate_size=64, image_size=32, patch_size=8)
+    model = MAEForPreTraining(config)
+    out = model(torch.randn(2, 3, 32, 32))
+    out.loss.backward()
+    assert out.logits.shape == (2, 16, 8 * 8 * 3) and out.mask.sum() == 2 * 12
+    ```
+    """
+
+    def __init__(self, config: MAEConfig):
+        super().__init__(config)
+        self.mae = MAEModel(config)
+        self.decoder = MAEDecoder(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.mae.patch_embed
+
+    def patchify(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, L, p*q*C) in the layout of `logits`."""
+        return patchify(pixel_values, self.config.patch_hw)
+
+    def unpatchify(self, patches: torch.Tensor, image_size=None) -> torch.Tensor:
+        """(B, L, p*q*C) -> (B, C, H, W); `image_size` defaults to `config.image_size`."""
+        size = self.config.image_hw if image_size is None else image_size
+        return unpatchify(patches, self.config.patch_hw, size, self.config.num_channels)
+
+    def forward_loss(self, pixel_values: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Per-patch MSE against the (optionally per-patch normalized) pixels, averaged over removed patches."""
+        target = self.patchify(pixel_values)
+        if self.config.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1.0e-6) ** 0.5
+        loss = ((pred - target) ** 2).mean(dim=-1)  # (B, L)
+        if mask.sum() == 0:  # mask_ratio 0: plain autoencoding over all patches
+            return loss.mean()
+        return (loss * mask).sum() / mask.sum()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        mask_ratio: float | None = None,
+        interpolate_pos_encoding: bool = False,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> MAEForPreTrainingOutput | tuple:
+        r"""
+        Args:
+            pixel_values (`torch.Tensor` of shape `(batch, num_channels, height, width)`): normalized images.
+            noise (`torch.Tensor` of shape `(batch, num_patches)`, *optional*): masking noise (reproducible masks).
+            mask_ratio (`float`, *optional*): defaults to `config.mask_ratio`.
+            interpolate_pos_encoding (`bool`): run at another resolution (bicubic 2-D resize of both position tables).
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        mask_ratio = self.config.mask_ratio if mask_ratio is None else mask_ratio
+        enc = self.mae(
+            pixel_values,
+            mask_ratio=mask_ratio,
+            noise=noise,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            return_dict=True,
+        )
+        p, q = self.config.patch_hw
+        grid = (pixel_values.shape[2] // p, pixel_values.shape[3] // q)
+        logits = self.decoder(enc.last_hidden_state, enc.ids_restore, grid)
+        loss = self.forward_loss(pixel_values, logits, enc.mask)
+        out = MAEForPreTrainingOutput(
+            loss=loss,
+            logits=logits,
+            mask=enc.mask,
+            ids_restore=enc.ids_restore,
+            hidden_states=enc.hidden_states,
+            attentions=enc.attentions,
+        )
+        return out if return_dict else out.to_tuple()
