@@ -3,12 +3,14 @@
 Importing maekit registers its classes with transformers' Auto classes.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForPreTraining
+from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, AutoModelForPreTraining
 
 from .configuration_mae import PRESETS, MAEConfig
 from .modeling_mae import (
+    MAEForImageClassification,
     MAEForPreTraining,
     MAEForPreTrainingOutput,
+    MAEImageClassifierOutput,
     MAEModel,
     MAEModelOutput,
     MAEPreTrainedModel,
@@ -21,9 +23,11 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "PRESETS",
     "MAEConfig",
+    "MAEForImageClassification",
     "MAEForPreTraining",
     "MAEForPreTrainingOutput",
     "MAEModel",
+    "MAEImageClassifierOutput",
     "MAEModelOutput",
     "MAEPreTrainedModel",
     "patchify",
@@ -33,3 +37,4 @@ __all__ = [
 AutoConfig.register(MAEConfig.model_type, MAEConfig, exist_ok=True)
 AutoModel.register(MAEConfig, MAEModel, exist_ok=True)
 AutoModelForPreTraining.register(MAEConfig, MAEForPreTraining, exist_ok=True)
+AutoModelForImageClassification.register(MAEConfig, MAEForImageClassification, exist_ok=True)

@@ -19,10 +19,30 @@ _OFFICIAL_DECODER = {
 
 # Encoder sizes from the ViT / DeiT papers; the decoder and LayerNorm eps are those of the official MAE release.
 PRESETS: dict[str, dict] = {
-    "vit-tiny-patch16": {"hidden_size": 192, "num_hidden_layers": 12, "num_attention_heads": 3, "intermediate_size": 768},
-    "vit-small-patch16": {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6, "intermediate_size": 1536},
-    "vit-base-patch16": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072},
-    "vit-large-patch16": {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096},
+    "vit-tiny-patch16": {
+        "hidden_size": 192,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 3,
+        "intermediate_size": 768,
+    },
+    "vit-small-patch16": {
+        "hidden_size": 384,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 6,
+        "intermediate_size": 1536,
+    },
+    "vit-base-patch16": {
+        "hidden_size": 768,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "intermediate_size": 3072,
+    },
+    "vit-large-patch16": {
+        "hidden_size": 1024,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "intermediate_size": 4096,
+    },
     "vit-huge-patch14": {
         "hidden_size": 1280,
         "num_hidden_layers": 32,
@@ -162,7 +182,10 @@ class MAEConfig(PretrainedConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-        for width, heads in (("hidden_size", "num_attention_heads"), ("decoder_hidden_size", "decoder_num_attention_heads")):
+        for width, heads in (
+            ("hidden_size", "num_attention_heads"),
+            ("decoder_hidden_size", "decoder_num_attention_heads"),
+        ):
             if getattr(self, width) % getattr(self, heads):
                 raise ValueError(
                     f"{width} ({getattr(self, width)}) must be divisible by {heads} ({getattr(self, heads)})."
@@ -171,7 +194,9 @@ class MAEConfig(PretrainedConfig):
             value = getattr(self, name)
             pair = _pair(value)
             if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in pair):
-                raise ValueError(f"{name} must be a positive integer or a (height, width) pair of them, got {value!r}.")
+                raise ValueError(
+                    f"{name} must be a positive integer or a (height, width) pair of them, got {value!r}."
+                )
         for axis, size, patch in zip(("height", "width"), self.image_hw, self.patch_hw):
             if size % patch:
                 raise ValueError(

@@ -24,6 +24,8 @@ logger = logging.get_logger(__name__)
 __all__ = [
     "MAEModel",
     "MAEForPreTraining",
+    "MAEForImageClassification",
+    "MAEImageClassifierOutput",
     "MAEPreTrainedModel",
     "MAEModelOutput",
     "MAEForPreTrainingOutput",
@@ -124,7 +126,9 @@ def sincos_pos_embed_2d(embed_dim: int, grid_size, cls_token: bool = True) -> to
     """
     gh, gw = _pair(grid_size)
     omega = 1.0 / 10000 ** (torch.arange(embed_dim // 4, dtype=torch.float64) / (embed_dim // 4))
-    hh, ww = torch.meshgrid(torch.arange(gh, dtype=torch.float64), torch.arange(gw, dtype=torch.float64), indexing="ij")
+    hh, ww = torch.meshgrid(
+        torch.arange(gh, dtype=torch.float64), torch.arange(gw, dtype=torch.float64), indexing="ij"
+    )
     out_w = ww.reshape(-1, 1) * omega  # (gh*gw, D/4)
     out_h = hh.reshape(-1, 1) * omega
     table = torch.cat([out_w.sin(), out_w.cos(), out_h.sin(), out_h.cos()], dim=1)
@@ -169,7 +173,9 @@ class DropPath(nn.Module):
 
 
 class MAEAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool, attn_drop: float, proj_drop: float, config: MAEConfig):
+    def __init__(
+        self, dim: int, num_heads: int, qkv_bias: bool, attn_drop: float, proj_drop: float, config: MAEConfig
+    ):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
@@ -252,11 +258,9 @@ class MAEPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
-        elif isinstance(module, MAEPatchEmbed):
-            # The official code initialises the patch projection like a Linear on flattened patches.
-            weight = module.proj.weight
-            init.xavier_uniform_(weight.view(weight.shape[0], -1))
-            init.zeros_(module.proj.bias)
+        elif isinstance(module, nn.Conv2d):  # the patch projection, initialised like a Linear as official
+            init.xavier_uniform_(module.weight.view(module.weight.shape[0], -1))
+            init.zeros_(module.bias)
         elif isinstance(module, MAEModel):
             init.normal_(module.cls_token, std=std)
             init.copy_(module.pos_embed, sincos_pos_embed_2d(module.pos_embed.shape[-1], self.config.grid_size))
@@ -289,7 +293,9 @@ class MAEPatchEmbed(nn.Module):
     def __init__(self, config: MAEConfig):
         super().__init__()
         self.patch_size = config.patch_hw
-        self.proj = nn.Conv2d(config.num_channels, config.hidden_size, kernel_size=self.patch_size, stride=self.patch_size)
+        self.proj = nn.Conv2d(
+            config.num_channels, config.hidden_size, kernel_size=self.patch_size, stride=self.patch_size
+        )
 
     def patches(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, L, C*p*q): the (c, p, q) order of the conv weight, so a matmul equals the conv."""
@@ -423,7 +429,9 @@ class MAEModel(MAEPreTrainedModel):
             if not 0 <= mask_ratio < 1:
                 raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio!r}.")
             if noise is not None and tuple(noise.shape) != (batch, length):
-                raise ValueError(f"noise must have shape (batch, num_patches) = {(batch, length)}, got {tuple(noise.shape)}.")
+                raise ValueError(
+                    f"noise must have shape (batch, num_patches) = {(batch, length)}, got {tuple(noise.shape)}."
+                )
             ids_keep, mask, ids_restore = random_masking(batch, length, mask_ratio, noise, pixel_values.device)
             mask = mask.to(pixel_values.dtype if pixel_values.is_floating_point() else torch.float32)
             patches = _gather_tokens(patches, ids_keep)  # (B, kept, C*p*q): only visible patches get embedded
@@ -479,7 +487,7 @@ class MAEDecoder(nn.Module):
 
     def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         x = self.embed(latent)  # (B, 1 + kept, Dd)
-        batch, length, dim = x.shape[0], ids_restore.shape[1], x.shape[2]
+        batch, length = x.shape[0], ids_restore.shape[1]
         mask_tokens = self.mask_token.expand(batch, length + 1 - x.shape[1], -1)
         x_ = torch.cat([x[:, 1:], mask_tokens], dim=1)  # (B, L, Dd) in shuffled order
         x_ = _gather_tokens(x_, ids_restore)  # unshuffle
@@ -577,6 +585,110 @@ class MAEForPreTraining(MAEPreTrainedModel):
             mask=enc.mask,
             ids_restore=enc.ids_restore,
             hidden_states=enc.hidden_states,
+            attentions=enc.attentions,
+        )
+        return out if return_dict else out.to_tuple()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Classification head (fine-tuning / linear probing)
+
+
+@dataclass
+class MAEImageClassifierOutput(ModelOutput):
+    """Output of `MAEForImageClassification`.
+
+    Args:
+        loss (`torch.Tensor`, scalar): cross-entropy against `labels` (soft cross-entropy for (batch, num_labels)
+            soft targets, as produced by mixup/cutmix), when labels are given.
+        logits (`torch.Tensor` of shape `(batch, num_labels)`): class scores.
+        pooled_output (`torch.Tensor` of shape `(batch, hidden_size)`): the features the head sees.
+        hidden_states, attentions: as in `MAEModelOutput`.
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    pooled_output: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+class MAEForImageClassification(MAEPreTrainedModel):
+    """MAE encoder (no masking) + pooling + linear head, as the official fine-tuning model.
+
+    `config.pooling == "mean"`: mean of the patch tokens of the last block (before the encoder's final norm), then
+    `fc_norm` (the official `global_pool`). `"cls"`: the cls token after the final norm. The head is initialised
+    trunc_normal(std 2e-5) as in the official fine-tuning code.
+    """
+
+    # Loading a pretraining checkpoint: the decoder is dropped on purpose.
+    _keys_to_ignore_on_load_unexpected = [r"^decoder\."]
+
+    def __init__(self, config: MAEConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.mae = MAEModel(config)
+        self.fc_norm = (
+            nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.pooling == "mean" else None
+        )
+        self.head = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if module is getattr(self, "head", None) and isinstance(module, nn.Linear):
+            init.trunc_normal_(module.weight, std=2e-5)
+            init.zeros_(module.bias)
+        else:
+            super()._init_weights(module)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.mae.patch_embed
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> MAEImageClassifierOutput | tuple:
+        r"""
+        Args:
+            pixel_values (`torch.Tensor` of shape `(batch, num_channels, height, width)`): normalized images.
+            labels (`torch.LongTensor` of shape `(batch,)` or `torch.Tensor` of shape `(batch, num_labels)`):
+                class indices (cross-entropy) or soft targets (soft cross-entropy).
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        want_hidden = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        enc = self.mae(
+            pixel_values,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            output_hidden_states=True,
+            output_attentions=output_attentions,
+            return_dict=True,
+        )
+        if self.fc_norm is not None:
+            pooled = self.fc_norm(enc.hidden_states[-1][:, 1:].mean(dim=1))
+        else:
+            pooled = enc.last_hidden_state[:, 0]
+        logits = self.head(pooled)
+        loss = None
+        if labels is not None:
+            if labels.ndim == 2 and labels.is_floating_point():
+                loss = torch.sum(-labels * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+            elif labels.ndim == 1:
+                loss = F.cross_entropy(logits.float(), labels)
+            else:
+                raise ValueError(
+                    f"labels must be class indices of shape (batch,) or soft targets of shape (batch, num_labels), "
+                    f"got {tuple(labels.shape)} {labels.dtype}."
+                )
+        out = MAEImageClassifierOutput(
+            loss=loss,
+            logits=logits,
+            pooled_output=pooled,
+            hidden_states=enc.hidden_states if want_hidden else None,
             attentions=enc.attentions,
         )
         return out if return_dict else out.to_tuple()

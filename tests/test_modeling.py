@@ -1,0 +1,242 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from maekit import MAEForImageClassification, MAEForPreTraining, MAEModel, patchify, unpatchify
+from maekit.modeling_mae import sincos_pos_embed_2d
+
+from .conftest import official_sincos
+
+
+@pytest.mark.parametrize("dim, grid", [(32, (4, 4)), (64, (3, 5)), (768, (14, 14))])
+def test_sincos_matches_official_layout(dim, grid):
+    ours = sincos_pos_embed_2d(dim, grid)[0].double().numpy()
+    np.testing.assert_allclose(ours, official_sincos(dim, *grid), atol=1e-6)
+
+
+def test_position_tables_are_fixed_buffers_not_parameters(tiny_config):
+    model = MAEForPreTraining(tiny_config())
+    names = {n for n, _ in model.named_parameters()}
+    assert "mae.pos_embed" not in names and "decoder.pos_embed" not in names
+    assert {"mae.pos_embed", "decoder.pos_embed"} <= set(model.state_dict())
+    torch.testing.assert_close(model.mae.pos_embed, sincos_pos_embed_2d(32, (4, 4)), rtol=0, atol=0)
+    torch.testing.assert_close(model.decoder.pos_embed, sincos_pos_embed_2d(32, (4, 4)), rtol=0, atol=0)
+
+
+def test_official_initialisation(tiny_config):
+    model = MAEForPreTraining(tiny_config(hidden_size=64, num_attention_heads=4, intermediate_size=256))
+    qkv = model.mae.blocks[0].attn.qkv
+    bound = math.sqrt(6 / (qkv.in_features + qkv.out_features))
+    assert qkv.weight.abs().max() <= bound and qkv.weight.abs().max() > 0.8 * bound
+    assert torch.count_nonzero(qkv.bias) == 0
+    proj = model.mae.patch_embed.proj.weight  # xavier on the flattened (D, C*p*q) view
+    bound = math.sqrt(6 / (proj.shape[0] + proj[0].numel()))
+    assert proj.abs().max() <= bound and proj.abs().max() > 0.8 * bound
+    assert torch.all(model.mae.norm.weight == 1) and torch.all(model.mae.norm.bias == 0)
+    for token in (model.mae.cls_token, model.decoder.mask_token):
+        assert 0.005 < token.std().item() < 0.05 and token.abs().max() < 0.2
+
+
+def test_patchify_layout_and_inverse():
+    x = torch.randn(2, 4, 16, 24)
+    patches = patchify(x, (8, 4))
+    assert patches.shape == (2, 2 * 6, 8 * 4 * 4)
+    # patch (row 1, col 2) starts at pixel (8, 8); vector index (p, q, c) = (p * 4 + q) * C + c
+    assert patches[0, 1 * 6 + 2, (3 * 4 + 1) * 4 + 2] == x[0, 2, 8 + 3, 8 + 1]
+    torch.testing.assert_close(unpatchify(patches, (8, 4), (16, 24)), x, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="patch"):
+        unpatchify(patches, (8, 4), (16, 16))
+
+
+def test_masking_semantics(tiny_config):
+    model = MAEForPreTraining(tiny_config(mask_ratio=0.75)).eval()
+    noise = torch.rand(3, 16)
+    out = model(torch.randn(3, 3, 32, 32), noise=noise)
+    keep = int(16 * 0.25)
+    assert out.mask.shape == (3, 16) and torch.all(out.mask.sum(1) == 16 - keep)
+    # the kept patches are those with the smallest noise; ids_restore undoes the shuffle
+    kept = noise.argsort(1)[:, :keep]
+    assert torch.all(out.mask.gather(1, kept) == 0)
+    shuffle = noise.argsort(1)
+    assert torch.equal(shuffle.gather(1, out.ids_restore), torch.arange(16).expand(3, -1))
+    # different samples get different masks without noise
+    masks = model(torch.randn(8, 3, 32, 32)).mask
+    assert len({tuple(m.tolist()) for m in masks}) > 1
+
+
+def test_model_defaults_to_no_masking(tiny_config):
+    model = MAEModel(tiny_config()).eval()
+    x = torch.randn(2, 3, 32, 32)
+    out = model(x)
+    assert out.last_hidden_state.shape == (2, 17, 32) and out.mask is None and out.ids_restore is None
+    torch.testing.assert_close(out.pooler_output, out.last_hidden_state[:, 0])
+    masked = model(x, mask_ratio=0.5)
+    assert masked.last_hidden_state.shape == (2, 9, 32) and masked.mask.sum() == 16
+    assert model(x, noise=torch.rand(2, 16)).last_hidden_state.shape == (2, 1 + 4, 32)  # config.mask_ratio
+    # mask_ratio=0 with noise keeps every patch (shuffled) and is equivalent up to order
+    full = model(x, noise=torch.rand(2, 16), mask_ratio=0.0)
+    assert full.last_hidden_state.shape == (2, 17, 32) and full.mask.sum() == 0
+
+
+def test_unmasked_forward_equals_masked_forward_on_kept_patches(tiny_config):
+    """Embedding only the kept patches must give the same tokens as embedding all and gathering."""
+    model = MAEModel(tiny_config(num_hidden_layers=1)).eval()
+    x, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    tokens = model(x, noise=noise, mask_ratio=0.5).hidden_states
+    assert tokens is None
+    masked = model(x, noise=noise, mask_ratio=0.5, output_hidden_states=True).hidden_states[0]
+    full = model(x, output_hidden_states=True).hidden_states[0]
+    kept = noise.argsort(1)[:, :8]
+    torch.testing.assert_close(masked[:, 1:], full[:, 1:].gather(1, kept[..., None].expand(-1, -1, 32)))
+
+
+def test_loss_is_mse_on_masked_patches(tiny_config):
+    for norm_pix in (False, True):
+        model = MAEForPreTraining(tiny_config(norm_pix_loss=norm_pix)).eval()
+        x = torch.randn(2, 3, 32, 32)
+        out = model(x, noise=torch.rand(2, 16))
+        target = patchify(x, 8)
+        if norm_pix:
+            target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+        per_patch = ((out.logits - target) ** 2).mean(-1)
+        expected = per_patch[out.mask.bool()].mean()
+        torch.testing.assert_close(out.loss, expected)
+
+
+def test_loss_without_masking_is_plain_autoencoding(tiny_config):
+    model = MAEForPreTraining(tiny_config()).eval()
+    x = torch.randn(2, 3, 32, 32)
+    out = model(x, mask_ratio=0.0)
+    assert out.mask.sum() == 0 and torch.isfinite(out.loss)
+    torch.testing.assert_close(out.loss, ((out.logits - patchify(x, 8)) ** 2).mean())
+
+
+@pytest.mark.parametrize("channels", [1, 4])
+def test_any_channel_count_and_non_square(tiny_config, channels):
+    config = tiny_config(num_channels=channels, image_size=(32, 48), patch_size=(8, 4))
+    model = MAEForPreTraining(config)
+    x = torch.randn(2, channels, 32, 48)
+    out = model(x)
+    assert out.logits.shape == (2, 48, 8 * 4 * channels)
+    assert model.unpatchify(model.patchify(x)).equal(x)
+    out.loss.backward()
+    assert model.mae.patch_embed.proj.weight.grad is not None
+
+
+def test_eager_and_sdpa_agree_and_attentions(tiny_config):
+    model = MAEForPreTraining(tiny_config()).eval()
+    x, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    sdpa = model(x, noise=noise)
+    assert model.config._attn_implementation == "sdpa"
+    with_attn = model(x, noise=noise, output_attentions=True)
+    assert len(with_attn.attentions) == 2 and with_attn.attentions[0].shape == (2, 2, 5, 5)
+    torch.testing.assert_close(with_attn.attentions[0].sum(-1), torch.ones(2, 2, 5))
+    model.set_attn_implementation("eager")
+    eager = model(x, noise=noise)
+    torch.testing.assert_close(eager.logits, sdpa.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_eager_selectable_at_load(tiny_config, tmp_path):
+    MAEModel(tiny_config()).save_pretrained(tmp_path)
+    model = MAEModel.from_pretrained(tmp_path, attn_implementation="eager")
+    assert model.config._attn_implementation == "eager"
+
+
+def test_hidden_states_and_tuple_outputs(tiny_config):
+    model = MAEForPreTraining(tiny_config()).eval()
+    x, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    out = model(x, noise=noise, output_hidden_states=True)
+    assert len(out.hidden_states) == 3 and out.hidden_states[0].shape == (2, 5, 32)
+    tup = model(x, noise=noise, return_dict=False)
+    assert isinstance(tup, tuple) and len(tup) == 4
+    torch.testing.assert_close(tup[0], out.loss)
+    torch.testing.assert_close(tup[1], out.logits)
+    enc = MAEModel(tiny_config()).eval()(x, return_dict=False)
+    assert isinstance(enc, tuple) and len(enc) == 2 and enc[0].shape == (2, 17, 32)
+
+
+def test_interpolate_pos_encoding(tiny_config):
+    model = MAEForPreTraining(tiny_config()).eval()
+    x = torch.randn(2, 3, 48, 64)
+    with pytest.raises(ValueError, match="interpolate_pos_encoding"):
+        model(x)
+    out = model(x, interpolate_pos_encoding=True)
+    assert out.logits.shape == (2, 6 * 8, 192) and torch.isfinite(out.loss)
+    enc = MAEModel(tiny_config()).eval()
+    assert enc(x, interpolate_pos_encoding=True).last_hidden_state.shape == (2, 1 + 48, 32)
+    # same size with interpolation requested is the plain forward
+    y, noise = torch.randn(1, 3, 32, 32), torch.rand(1, 16)
+    torch.testing.assert_close(model(y, noise=noise, interpolate_pos_encoding=True).loss, model(y, noise=noise).loss)
+
+
+@pytest.mark.parametrize(
+    "kwargs, pixels, match",
+    [
+        ({}, torch.randn(2, 1, 32, 32), "channels"),
+        ({}, torch.randn(2, 3, 40, 32), "image_size"),
+        ({"interpolate_pos_encoding": True}, torch.randn(2, 3, 36, 32), "divisible"),
+        ({"noise": torch.rand(2, 15)}, torch.randn(2, 3, 32, 32), "noise"),
+        ({"mask_ratio": 1.0}, torch.randn(2, 3, 32, 32), "mask_ratio"),
+        ({}, torch.randn(3, 32, 32), "batch, channels, height, width"),
+    ],
+)
+def test_bad_inputs(tiny_config, kwargs, pixels, match):
+    model = MAEForPreTraining(tiny_config())
+    with pytest.raises(ValueError, match=match):
+        model(pixels, **kwargs)
+
+
+def test_bf16_autocast_close_to_fp32(tiny_config):
+    model = MAEForPreTraining(tiny_config()).eval()
+    x, noise = torch.randn(4, 3, 32, 32), torch.rand(4, 16)
+    ref = model(x, noise=noise).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(x, noise=noise).loss
+    assert torch.isfinite(low) and abs(low.item() - ref.item()) < 0.05 * ref.item()
+
+
+def test_gradient_checkpointing_same_gradients(tiny_config):
+    torch.manual_seed(1)
+    model = MAEForPreTraining(tiny_config())
+    x, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    model(x, noise=noise).loss.backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.activation_checkpointing_enable()
+    calls = []
+    model.mae.blocks[0].norm1.register_forward_hook(lambda *args: calls.append(1))
+    model(x, noise=noise).loss.backward()
+    assert len(calls) == 2  # the block ran again during backward: activations were not kept
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n], msg=n)
+
+
+def test_drop_path_only_in_training(tiny_config):
+    model = MAEModel(tiny_config(drop_path_rate=0.5))
+    assert [b.drop_path.drop_prob for b in model.blocks] == [0.0, 0.5]
+    x = torch.randn(8, 3, 32, 32)
+    model.eval()
+    torch.testing.assert_close(model(x).last_hidden_state, model(x).last_hidden_state)
+    model.train()
+    assert not torch.allclose(model(x).last_hidden_state, model(x).last_hidden_state)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_classification_head(tiny_config, pooling):
+    model = MAEForImageClassification(tiny_config(pooling=pooling, num_labels=5)).eval()
+    assert model.head.weight.std() < 1e-4  # trunc_normal(std 2e-5)
+    x = torch.randn(3, 3, 32, 32)
+    out = model(x, labels=torch.tensor([0, 1, 4]))
+    assert out.logits.shape == (3, 5) and torch.isfinite(out.loss)
+    soft = torch.full((3, 5), 0.2)
+    torch.testing.assert_close(model(x, labels=soft).loss, -(soft * out.logits.log_softmax(-1)).sum(-1).mean())
+    hidden = model.mae(x, output_hidden_states=True)
+    if pooling == "mean":
+        expected = model.fc_norm(hidden.hidden_states[-1][:, 1:].mean(1))
+    else:
+        expected = hidden.last_hidden_state[:, 0]
+    torch.testing.assert_close(out.pooled_output, expected)
+    with pytest.raises(ValueError, match="labels"):
+        model(x, labels=torch.zeros(3, 5, 2))
