@@ -358,7 +358,8 @@ class MAEModel(MAEPreTrainedModel):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
         # Fixed sin-cos table (not trained); persistent so checkpoints carry it, as the official and transformers ones.
         self.register_buffer("pos_embed", torch.zeros(1, 1 + config.num_patches, config.hidden_size))
-        dpr = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
+        depth = config.num_hidden_layers
+        dpr = [config.drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linear in depth, as timm
         self.blocks = nn.ModuleList(
             [
                 MAEBlock(config, config.hidden_size, config.num_attention_heads, config.intermediate_size, dpr[i])
