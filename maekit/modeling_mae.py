@@ -544,9 +544,9 @@ class MAEForPreTraining(MAEPreTrainedModel):
             var = target.var(dim=-1, keepdim=True)
             target = (target - mean) / (var + 1.0e-6) ** 0.5
         loss = ((pred - target) ** 2).mean(dim=-1)  # (B, L)
-        if mask.sum() == 0:  # mask_ratio 0: plain autoencoding over all patches
-            return loss.mean()
-        return (loss * mask).sum() / mask.sum()
+        removed = mask.sum()
+        # mask_ratio 0 (nothing removed): plain autoencoding over all patches. torch.where avoids a host sync.
+        return torch.where(removed > 0, (loss * mask).sum() / removed.clamp(min=1), loss.mean())
 
     def forward(
         self,
