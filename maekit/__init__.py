@@ -3,9 +3,16 @@
 Importing maekit registers its classes with transformers' Auto classes.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, AutoModelForPreTraining
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForImageClassification,
+    AutoModelForPreTraining,
+)
 
 from .configuration_mae import PRESETS, MAEConfig
+from .image_processing_mae import MAEImageProcessor
 from .modeling_mae import (
     MAEForImageClassification,
     MAEForPreTraining,
@@ -26,6 +33,7 @@ __all__ = [
     "MAEForImageClassification",
     "MAEForPreTraining",
     "MAEForPreTrainingOutput",
+    "MAEImageProcessor",
     "MAEModel",
     "MAEImageClassifierOutput",
     "MAEModelOutput",
@@ -38,3 +46,4 @@ AutoConfig.register(MAEConfig.model_type, MAEConfig, exist_ok=True)
 AutoModel.register(MAEConfig, MAEModel, exist_ok=True)
 AutoModelForPreTraining.register(MAEConfig, MAEForPreTraining, exist_ok=True)
 AutoModelForImageClassification.register(MAEConfig, MAEForImageClassification, exist_ok=True)
+AutoImageProcessor.register(MAEConfig, image_processor_classes={"pil": MAEImageProcessor}, exist_ok=True)
