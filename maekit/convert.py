@@ -462,6 +462,9 @@ def _load_official_into(model, state_dict: dict[str, torch.Tensor], source: str)
     if "decoder" in dropped:
         logger.info(f"{source} has an MAE decoder; {type(model).__name__} does not use it.")
     sd = {k: v for k, v in sd.items() if _group(k) in own_groups}
+    if isinstance(model, MAEForImageClassification) and model.config.pooling == "mean":
+        # The official global-pool model has no final encoder norm; a pretrained one is dropped, as official.
+        sd = {k: v for k, v in sd.items() if k not in ("mae.norm.weight", "mae.norm.bias")}
 
     unexpected = sorted(set(sd) - set(own))
     mismatched = [

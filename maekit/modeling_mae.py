@@ -622,13 +622,16 @@ class MAEForImageClassification(MAEPreTrainedModel):
     trunc_normal(std 2e-5) as in the official fine-tuning code.
     """
 
-    # Loading a pretraining checkpoint: the decoder is dropped on purpose.
-    _keys_to_ignore_on_load_unexpected = [r"^decoder\."]
+    # Loading a pretraining checkpoint: the decoder (and, with mean pooling, the final norm) is dropped on purpose.
+    _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"^mae\.norm\."]
 
     def __init__(self, config: MAEConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.mae = MAEModel(config)
+        if config.pooling == "mean":
+            # As the official global-pool model: no final encoder norm (it would get no gradient and stall DDP).
+            self.mae.norm = nn.Identity()
         self.fc_norm = (
             nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.pooling == "mean" else None
         )
@@ -661,16 +664,15 @@ class MAEForImageClassification(MAEPreTrainedModel):
                 class indices (cross-entropy) or soft targets (soft cross-entropy).
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        want_hidden = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         enc = self.mae(
             pixel_values,
             interpolate_pos_encoding=interpolate_pos_encoding,
-            output_hidden_states=True,
+            output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
             return_dict=True,
         )
-        if self.fc_norm is not None:
-            pooled = self.fc_norm(enc.hidden_states[-1][:, 1:].mean(dim=1))
+        if self.fc_norm is not None:  # mean pooling: the encoder's final norm is an Identity here
+            pooled = self.fc_norm(enc.last_hidden_state[:, 1:].mean(dim=1))
         else:
             pooled = enc.last_hidden_state[:, 0]
         logits = self.head(pooled)
@@ -689,7 +691,7 @@ class MAEForImageClassification(MAEPreTrainedModel):
             loss=loss,
             logits=logits,
             pooled_output=pooled,
-            hidden_states=enc.hidden_states if want_hidden else None,
+            hidden_states=enc.hidden_states,
             attentions=enc.attentions,
         )
         return out if return_dict else out.to_tuple()

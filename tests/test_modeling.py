@@ -240,3 +240,7 @@ def test_classification_head(tiny_config, pooling):
     torch.testing.assert_close(out.pooled_output, expected)
     with pytest.raises(ValueError, match="labels"):
         model(x, labels=torch.zeros(3, 5, 2))
+    model.train()
+    model(x, labels=torch.tensor([0, 1, 4])).loss.backward()
+    unused = [n for n, p in model.named_parameters() if p.grad is None]
+    assert unused == []  # every parameter gets a gradient: DDP needs no find_unused_parameters
