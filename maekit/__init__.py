@@ -24,6 +24,7 @@ from .modeling_mae import (
     patchify,
     unpatchify,
 )
+from .training import MAETrainer, MAETrainingArguments
 
 __version__ = "0.1.0.dev0"
 
@@ -38,6 +39,8 @@ __all__ = [
     "MAEImageClassifierOutput",
     "MAEModelOutput",
     "MAEPreTrainedModel",
+    "MAETrainer",
+    "MAETrainingArguments",
     "patchify",
     "unpatchify",
 ]
