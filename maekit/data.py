@@ -442,7 +442,7 @@ class MAEImageDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.skip_bad_images = skip_bad_images
         self.max_retries = max_retries
-        self._load = _SampleLoader(transform, image_column, label_column, max_image_pixels)
+        self.load_record = _SampleLoader(transform, image_column, label_column, max_image_pixels)
         self._epoch = _SharedEpoch()
         _seed_from(seed)
 
@@ -462,7 +462,7 @@ class MAEImageDataset(torch.utils.data.Dataset):
         candidate, num_skipped, replacements = int(index), 0, None
         while True:
             try:
-                sample = self._load(
+                sample = self.load_record(
                     self.dataset[candidate], sample_rng(self.seed, epoch, index), f"sample {candidate}"
                 )
                 break
@@ -487,6 +487,9 @@ class MAEIterableImageDataset(torch.utils.data.IterableDataset):
     `sample_rng(seed, epoch, position)` where `position` is the sample's position in the stream seen by this worker,
     interleaved across DataLoader workers (`worker_id + num_workers * k`), so they are reproducible for a given
     number of workers. `datasets` splits the stream's shards between DataLoader workers itself.
+
+    Pass the whole stream to `MAETrainer`: it splits it between processes and workers and resumes it itself, reading
+    raw records and decoding them with `load_record(record, generator, where)`.
     """
 
     def __init__(
@@ -510,7 +513,7 @@ class MAEIterableImageDataset(torch.utils.data.IterableDataset):
         self.transform = transform
         self.seed = seed
         self.skip_bad_images = skip_bad_images
-        self._load = _SampleLoader(transform, image_column, label_column, max_image_pixels)
+        self.load_record = _SampleLoader(transform, image_column, label_column, max_image_pixels)
         self._epoch = _SharedEpoch()
         _seed_from(seed)
 
@@ -531,7 +534,7 @@ class MAEIterableImageDataset(torch.utils.data.IterableDataset):
         for position, record in enumerate(self.dataset):
             index = worker_id + num_workers * position
             try:
-                sample = self._load(record, sample_rng(self.seed, epoch, index), f"stream item {index}")
+                sample = self.load_record(record, sample_rng(self.seed, epoch, index), f"stream item {index}")
             except BadImageError as err:
                 if not self.skip_bad_images:
                     raise

@@ -38,7 +38,10 @@ class MAETrainingArguments:
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
     num_train_epochs: float = field(default=800.0, metadata={"help": "Epochs to train (ignored if max_steps > 0)."})
     max_steps: int = field(
-        default=-1, metadata={"help": "Optimizer steps to train; overrides num_train_epochs if > 0."}
+        default=-1,
+        metadata={
+            "help": "Optimizer steps to train; overrides num_train_epochs if > 0 (required for streaming data)."
+        },
     )
     base_learning_rate: float = field(
         default=1.5e-4, metadata={"help": "Base learning rate: lr = base_learning_rate * global batch / 256."}
@@ -53,7 +56,10 @@ class MAETrainingArguments:
     adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
     warmup_epochs: float = field(default=40.0, metadata={"help": "Epochs of linear learning-rate warmup."})
     warmup_steps: int | None = field(
-        default=None, metadata={"help": "Optimizer steps of linear warmup; overrides warmup_epochs when set."}
+        default=None,
+        metadata={
+            "help": "Optimizer steps of linear warmup; overrides warmup_epochs when set (required for streaming data)."
+        },
     )
     max_grad_norm: float | None = field(
         default=None, metadata={"help": "Clip the gradient norm to this value (off by default, as official)."}

@@ -9,11 +9,16 @@ Determinism. The data order, the augmentations and the masks depend only on `(se
 of `per_device_train_batch_size * num_processes * gradient_accumulation_steps` images from a per-epoch permutation,
 and the mask noise of a step is drawn for the whole global batch and sliced per process. Hence a run resumed from a
 checkpoint continues exactly, and 1 process with accumulation matches N processes at the same global batch.
+
+A streaming training set (`maekit.data.MAEIterableImageDataset`) is split between the processes and data-loader workers
+by `_StreamReaders`; its order depends on how many there are, and a checkpoint records each one's position in the
+stream, so that a resumed run continues exactly too (with the same numbers of processes and workers).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -25,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, gather_object, set_seed
 from huggingface_hub import HfApi
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from tqdm.auto import tqdm
@@ -33,7 +38,7 @@ from transformers import BaseImageProcessor
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from transformers.trainer_utils import TrainOutput
 
-from ..data import SeededRandomSampler, sample_rng
+from ..data import BadImageError, MAEIterableImageDataset, SeededRandomSampler, sample_rng
 from ..visualize import reconstruction_grid
 from .arguments import MAETrainingArguments
 from .model_card import write_model_card
@@ -41,6 +46,8 @@ from .optim import create_optimizer
 from .schedule import cosine_lr_with_warmup
 
 __all__ = ["MAETrainer", "NonFiniteLossError", "find_latest_checkpoint"]
+
+logger = logging.getLogger(__name__)
 
 TRAINER_STATE_NAME = "trainer_state.json"
 RECONSTRUCTION_NAME = "reconstruction.png"
@@ -74,6 +81,26 @@ def _complete_checkpoints(output_dir: Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
+def _check_streaming(dataset: MAEIterableImageDataset, args: MAETrainingArguments) -> None:
+    import datasets
+
+    if not isinstance(dataset.dataset, datasets.IterableDataset):
+        raise TypeError(
+            "A streaming train_dataset must be a MAEIterableImageDataset over a datasets.IterableDataset (e.g. from "
+            f"load_image_dataset(..., streaming=True)); got one over {type(dataset.dataset).__name__}."
+        )
+    if args.max_steps <= 0:
+        raise ValueError(
+            f"max_steps must be > 0 with a streaming train_dataset, whose length (hence epochs) is unknown; got "
+            f"max_steps={args.max_steps}."
+        )
+    if args.warmup_steps is None:
+        raise ValueError(
+            "warmup_steps must be set with a streaming train_dataset: warmup_epochs cannot be converted to steps when "
+            "the length of an epoch is unknown."
+        )
+
+
 class _EpochBatchSampler(Sampler):
     """This process's micro-batches for optimizer steps `[first, last)` of one epoch.
 
@@ -102,6 +129,76 @@ class _EpochBatchSampler(Sampler):
                 yield batch[start : start + b]
 
 
+# Key of the (reader, records read) pair that `_StreamReaders` attaches to each sample, removed by `_StreamCollate`.
+_STREAM_POSITION_KEY = "_maekit_stream_position"
+
+
+class _StreamReaders(IterableDataset):
+    """One pass over this process's part of a streaming `MAEIterableImageDataset`, resumable in the middle.
+
+    The stream is split between the `num_processes * max(num_workers, 1)` readers of the run (a DataLoader worker, or
+    the process itself without workers, is one reader) with `datasets.distributed.split_dataset_by_node`: by shards
+    when the stream has at least as many shards as readers, else by examples (each reader reads the whole stream and
+    decodes one example in `num_readers`). The sample at position `p` of reader `k`'s records is augmented with
+    `sample_rng(seed, epoch, k + num_readers * p)`.
+
+    `resume` (`{"batches": [...], "records": [...]}`, one entry per local reader) restarts the pass where an
+    interrupted run stopped: reader `w` first yields `batches[w] * batch_size` placeholders (`None`), so that the
+    DataLoader takes batches from its workers in the same order as the interrupted run did, then reads its first
+    `records[w]` records again without decoding them, and continues. Placeholder batches are dropped by the trainer.
+    """
+
+    def __init__(self, dataset, *, epoch: int, batch_size: int, process_index: int, num_processes: int, resume: dict):
+        self.dataset, self.epoch, self.batch_size = dataset, epoch, batch_size
+        self.process_index, self.num_processes = process_index, num_processes
+        self.batches_taken, self.records_read = list(resume["batches"]), list(resume["records"])  # a snapshot
+
+    def __iter__(self) -> Iterator[dict | None]:
+        from datasets.distributed import split_dataset_by_node
+
+        worker = torch.utils.data.get_worker_info()
+        local, num_local = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        reader, num_readers = self.process_index * num_local + local, self.num_processes * num_local
+        stream = self.dataset.dataset
+        strategy = "shards" if stream.num_shards >= num_readers else "examples"
+        part = split_dataset_by_node(stream, rank=reader, world_size=num_readers, strategy=strategy)
+        part.set_epoch(self.epoch)  # the shuffle of this pass (a split does not inherit the stream's epoch)
+        skip_records = self.records_read[local]
+        for _ in range(self.batches_taken[local] * self.batch_size):
+            yield None
+        seed, pending_skips = self.dataset.seed, 0
+        # `iter` rather than `__iter__`: datasets would split the part again between DataLoader workers.
+        for position, columns in enumerate(part.iter(batch_size=1)):
+            if position < skip_records:
+                continue
+            record = {name: values[0] for name, values in columns.items()}
+            index = reader + num_readers * position
+            try:
+                sample = self.dataset.load_record(record, sample_rng(seed, self.epoch, index), f"stream item {index}")
+            except BadImageError as err:
+                if not self.dataset.skip_bad_images:
+                    raise
+                logger.warning("Skipping bad image (%s).", err)
+                pending_skips += 1
+                continue
+            sample["num_skipped"], pending_skips = pending_skips, 0
+            sample[_STREAM_POSITION_KEY] = (local, position + 1)
+            yield sample
+
+
+class _StreamCollate:
+    """Collate streamed samples into `(batch, local reader, records it has read)`; a placeholder batch into None."""
+
+    def __init__(self, collate: Callable):
+        self.collate = collate
+
+    def __call__(self, samples: list[dict | None]) -> tuple[dict, int, int] | None:
+        if samples[0] is None:
+            return None
+        positions = [sample.pop(_STREAM_POSITION_KEY) for sample in samples]
+        return self.collate(samples), *positions[-1]
+
+
 class MAETrainer:
     """Pretrains a `MAEForPreTraining` with the official recipe through `accelerate`.
 
@@ -112,8 +209,10 @@ class MAETrainer:
     Args:
         model (`MAEForPreTraining`): the model to pretrain.
         args (`MAETrainingArguments`): the training arguments.
-        train_dataset (`torch.utils.data.Dataset`): map-style training dataset (a `set_epoch(epoch)` method, if
-            any, is called so augmentations can depend on the epoch).
+        train_dataset (`torch.utils.data.Dataset` or `maekit.data.MAEIterableImageDataset`): map-style training
+            dataset (a `set_epoch(epoch)` method, if any, is called so augmentations can depend on the epoch), or a
+            stream: a `MAEIterableImageDataset` over a `datasets.IterableDataset`, for data larger than the disk
+            (needs `max_steps` and `warmup_steps`; see "Streaming" in docs/pretraining.md).
         eval_dataset (`torch.utils.data.Dataset`, *optional*): images for the evaluation loss and the reconstruction
             grid (with fixed masks).
         image_processor (`MAEImageProcessor`, *optional*): saved next to the model; its `image_mean`/`image_std`
@@ -121,6 +220,9 @@ class MAETrainer:
         data_collator (`Callable`, *optional*): turns a list of items into a batch; defaults to
             `maekit.data.collate_fn`.
         dataset_name (`str`, *optional*): the dataset's Hub id or name, recorded in the model card.
+        monitor (`Callable`, *optional*): an online evaluation such as `maekit.training.KNNMonitor`: called as
+            `monitor(trainer, step)` after optimizer step `step` when `step % monitor.every_n_steps == 0` and at the
+            end; the metrics it returns are logged to the trackers and shown on the progress bar.
 
     Example:
 
@@ -143,6 +245,8 @@ class MAETrainer:
     ```
     """
 
+    task_name = "pretraining"  # progress-bar label and default tracker run name `mae-{task_name}`
+
     def __init__(
         self,
         model: torch.nn.Module,
@@ -152,14 +256,19 @@ class MAETrainer:
         image_processor: BaseImageProcessor | None = None,
         data_collator: Callable | None = None,
         dataset_name: str | None = None,
+        monitor: Callable[[MAETrainer, int], dict[str, float]] | None = None,
     ):
         if not isinstance(args, MAETrainingArguments):
             raise TypeError(f"args must be a MAETrainingArguments, got {type(args).__name__}.")
+        self._streaming = isinstance(train_dataset, MAEIterableImageDataset)
         for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
-            if isinstance(dataset, IterableDataset) or (dataset is not None and not hasattr(dataset, "__len__")):
+            if name == "train_dataset" and self._streaming:
+                _check_streaming(train_dataset, args)
+            elif isinstance(dataset, IterableDataset) or (dataset is not None and not hasattr(dataset, "__len__")):
+                streams = " or a maekit.data.MAEIterableImageDataset" if name == "train_dataset" else ""
                 raise TypeError(
-                    f"{name} must be a map-style dataset (with __len__ and __getitem__) so that the data order can be "
-                    f"resumed exactly; got {type(dataset).__name__}."
+                    f"{name} must be a map-style dataset (with __len__ and __getitem__){streams} so that the data "
+                    f"order can be resumed exactly; got {type(dataset).__name__}."
                 )
         if data_collator is None:
             from ..data import collate_fn as data_collator
@@ -170,6 +279,8 @@ class MAETrainer:
         self.image_processor = image_processor
         self.data_collator = data_collator
         self.dataset_name = dataset_name
+        self.monitor = monitor
+        self._monitor_postfix: dict[str, str] = {}
         self.output_dir = Path(args.output_dir)
 
         trackers = args.resolved_report_to()
@@ -184,6 +295,10 @@ class MAETrainer:
         self.trackers = trackers
         set_seed(args.seed)
         self.state: dict = {"global_step": 0, "num_skipped_images": 0, "num_nonfinite_steps": 0, "log_history": []}
+        # A stream's data position on this process: the pass (epoch), and per reader (DataLoader worker) the batches
+        # the training loop took from it and the records it had read for them; saved in checkpoints.
+        readers = max(args.dataloader_num_workers, 1)
+        self._stream_position = {"epoch": 0, "batches": [0] * readers, "records": [0] * readers}
         self.optimizer = None
         self._wrapped_model = None  # set by `train` (DDP / FSDP / DeepSpeed wrapper from accelerator.prepare)
         mean = getattr(image_processor, "image_mean", None) or IMAGENET_DEFAULT_MEAN
@@ -200,7 +315,13 @@ class MAETrainer:
 
     @property
     def steps_per_epoch(self) -> int:
-        """Optimizer steps per epoch (the last incomplete global batch of an epoch is dropped)."""
+        """Optimizer steps per epoch (the last incomplete global batch of an epoch is dropped).
+
+        A stream has no known length: its schedule and the default evaluation and save points count the whole run
+        (`max_steps`) as one epoch, while the stream itself starts a new pass whenever it runs out.
+        """
+        if self._streaming:
+            return self.args.max_steps
         steps = len(self.train_dataset) // self.global_batch_size
         if steps == 0:
             raise ValueError(
@@ -216,6 +337,10 @@ class MAETrainer:
         """Peak learning rate: `learning_rate`, or `base_learning_rate * global batch / 256`."""
         return self.args.resolved_learning_rate(self.accelerator.num_processes)
 
+    def _epoch_at(self, step: int) -> float:
+        """Epochs done after `step` optimizer steps; for a stream, the number of completed passes over it."""
+        return self._stream_position["epoch"] if self._streaming else step / self.steps_per_epoch
+
     def lr_at(self, step: int) -> float:
         """Learning rate used by optimizer step `step` (0-based)."""
         spe = self.steps_per_epoch
@@ -225,6 +350,17 @@ class MAETrainer:
             total_steps=self.args.total_steps(spe),
             warmup_steps=self.args.resolved_warmup_steps(spe),
             min_lr=self.args.min_lr,
+        )
+
+    def create_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW over the weight-decay groups of the official pretraining recipe (no decay on biases and norms)."""
+        args = self.args
+        return create_optimizer(
+            self.model,
+            learning_rate=self.learning_rate,
+            weight_decay=args.weight_decay,
+            betas=(args.adam_beta1, args.adam_beta2),
+            eps=args.adam_epsilon,
         )
 
     # ------------------------------------------------------------------------------------------------------------------
@@ -240,13 +376,7 @@ class MAETrainer:
         args, accelerator = self.args, self.accelerator
         spe, total_steps = self.steps_per_epoch, self.args.total_steps(self.steps_per_epoch)
         self._configure_deepspeed()
-        self.optimizer = create_optimizer(
-            self.model,
-            learning_rate=self.learning_rate,
-            weight_decay=args.weight_decay,
-            betas=(args.adam_beta1, args.adam_beta2),
-            eps=args.adam_epsilon,
-        )
+        self.optimizer = self.create_optimizer()
         model, optimizer = accelerator.prepare(self.model, self.optimizer)
         self._wrapped_model = model
         if args.resume_from_checkpoint:
@@ -254,13 +384,13 @@ class MAETrainer:
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.trackers:
-            accelerator.init_trackers(args.run_name or "mae-pretraining", config=self._tracker_config())
+            accelerator.init_trackers(args.run_name or f"mae-{self.task_name}", config=self._tracker_config())
 
         start_step = step = self.state["global_step"]
         self._progress = progress = tqdm(
             total=total_steps,
             initial=start_step,
-            desc="pretraining",
+            desc=self.task_name,
             disable=args.disable_tqdm or not accelerator.is_local_main_process,
         )
         if args.eval_on_start and start_step == 0:
@@ -285,7 +415,11 @@ class MAETrainer:
         if self.trackers:
             accelerator.end_training()
         training_loss = sum(session_losses) / len(session_losses) if session_losses else float("nan")
-        metrics = {"train_runtime": time.perf_counter() - start_time, "train_loss": training_loss, "epoch": step / spe}
+        metrics = {
+            "train_runtime": time.perf_counter() - start_time,
+            "train_loss": training_loss,
+            "epoch": self._epoch_at(step),
+        }
         return TrainOutput(step, training_loss, {**metrics, **self._last_metrics()})
 
     def _train_steps(self, model, optimizer, epoch: int, first: int, last: int) -> Iterator[float | None]:
@@ -296,23 +430,26 @@ class MAETrainer:
             args.per_device_train_batch_size,
             args.gradient_accumulation_steps,
         )
-        if hasattr(self.train_dataset, "set_epoch"):
-            self.train_dataset.set_epoch(epoch)
-        sampler = _EpochBatchSampler(
-            len(self.train_dataset), seed=args.seed, epoch=epoch, first=first, last=last, batch_size=micro_batch,
-            num_processes=num_processes, process_index=accelerator.process_index, accumulation=accumulation,
-        )  # fmt: skip
-        # A fresh loader per epoch: its workers copy the dataset after `set_epoch`, so augmentations follow the epoch.
-        loader = DataLoader(
-            self.train_dataset,
-            batch_sampler=sampler,
-            collate_fn=self.data_collator,
-            num_workers=args.dataloader_num_workers,
-            pin_memory=args.dataloader_pin_memory and torch.cuda.is_available(),
-            # Its own generator (worker seeds): a loader must not draw from the process RNG, which drop path uses
-            # and checkpoints restore, or a resumed run would see different random numbers.
-            generator=sample_rng(args.seed, epoch, _LOADER_STREAM),
-        )
+        if self._streaming:
+            loader = self._stream_batches()  # endless: passes follow each other
+        else:
+            if hasattr(self.train_dataset, "set_epoch"):
+                self.train_dataset.set_epoch(epoch)
+            sampler = _EpochBatchSampler(
+                len(self.train_dataset), seed=args.seed, epoch=epoch, first=first, last=last, batch_size=micro_batch,
+                num_processes=num_processes, process_index=accelerator.process_index, accumulation=accumulation,
+            )  # fmt: skip
+            # A fresh loader per epoch: its workers copy the dataset after `set_epoch`, so augmentations follow it.
+            loader = DataLoader(
+                self.train_dataset,
+                batch_sampler=sampler,
+                collate_fn=self.data_collator,
+                num_workers=args.dataloader_num_workers,
+                pin_memory=args.dataloader_pin_memory and torch.cuda.is_available(),
+                # Its own generator (worker seeds): a loader must not draw from the process RNG, which drop path
+                # uses and checkpoints restore, or a resumed run would see different random numbers.
+                generator=sample_rng(args.seed, epoch, _LOADER_STREAM),
+            )
         num_patches = accelerator.unwrap_model(model).config.num_patches
         step, micro, step_loss = self.steps_per_epoch * epoch + first, 0, 0.0
         model.train()
@@ -326,14 +463,11 @@ class MAETrainer:
                 for group in optimizer.param_groups:  # lr_scale: layer-wise decay groups, when present
                     group["lr"] = self.lr_at(step) * group.get("lr_scale", 1.0)
             offset = (micro * num_processes + accelerator.process_index) * micro_batch
-            pixel_values = batch["pixel_values"].to(accelerator.device, non_blocking=True)
             if "num_skipped" in batch:
                 self._window["skipped"] += torch.as_tensor(batch["num_skipped"]).sum().cpu()
             with accelerator.accumulate(model):
                 with accelerator.autocast():
-                    loss = model(
-                        pixel_values=pixel_values, noise=noise[offset : offset + micro_batch].to(accelerator.device)
-                    ).loss
+                    loss = self.compute_loss(model, batch, noise[offset : offset + micro_batch].to(accelerator.device))
                 accelerator.backward(loss)
                 step_loss = step_loss + loss.detach().float()
                 micro += 1
@@ -343,6 +477,51 @@ class MAETrainer:
                 micro, step_loss = 0, 0.0
                 step += 1
                 yield mean_loss
+                if step == last:  # a stream does not end by itself
+                    return
+
+    def _stream_batches(self) -> Iterator[dict]:
+        """This process's micro-batches of a streaming train set, pass after pass, from `_stream_position` on."""
+        args, accelerator = self.args, self.accelerator
+        position = self._stream_position
+        while True:
+            epoch = position["epoch"]
+            self.train_dataset.set_epoch(epoch)
+            readers = _StreamReaders(
+                self.train_dataset, epoch=epoch, batch_size=args.per_device_train_batch_size,
+                process_index=accelerator.process_index, num_processes=accelerator.num_processes, resume=position,
+            )  # fmt: skip
+            loader = DataLoader(
+                readers,
+                batch_size=args.per_device_train_batch_size,
+                collate_fn=_StreamCollate(self.data_collator),
+                num_workers=args.dataloader_num_workers,
+                pin_memory=args.dataloader_pin_memory and torch.cuda.is_available(),
+                drop_last=True,  # per reader: its last incomplete batch of a pass
+                generator=sample_rng(args.seed, epoch, _LOADER_STREAM),
+            )
+            for item in loader:
+                if item is None:  # a placeholder for a batch taken before the resume
+                    continue
+                batch, reader, records = item
+                position["batches"][reader] += 1
+                position["records"][reader] = records
+                yield batch
+            if not any(position["batches"]):
+                raise ValueError(
+                    f"The streaming train_dataset yielded no batch of per_device_train_batch_size="
+                    f"{args.per_device_train_batch_size} images in a whole pass on process {accelerator.process_index}"
+                    f" (with {args.dataloader_num_workers} dataloader workers, each reading its own part of the "
+                    "stream); lower the batch size or the number of workers."
+                )
+            readers_count = len(position["batches"])
+            position = {"epoch": epoch + 1, "batches": [0] * readers_count, "records": [0] * readers_count}
+            self._stream_position = position
+
+    def compute_loss(self, model: torch.nn.Module, batch: dict, noise: torch.Tensor) -> torch.Tensor:
+        """The loss of one micro-batch: the reconstruction loss under this micro-batch's mask `noise` (B, L)."""
+        pixel_values = batch["pixel_values"].to(self.accelerator.device, non_blocking=True)
+        return model(pixel_values=pixel_values, noise=noise).loss
 
     def _optimizer_step(self, model, optimizer, step: int, loss: torch.Tensor) -> float | None:
         """Check the loss, clip and step. Returns the step's mean loss, None if skipped."""
@@ -375,7 +554,7 @@ class MAETrainer:
             metrics = {
                 "loss": sum(window["losses"]) / len(window["losses"]) if window["losses"] else float("nan"),
                 "learning_rate": self.lr_at(step - 1),
-                "epoch": step / spe,
+                "epoch": self._epoch_at(step),
                 "images_per_second": len(window["losses"]) * self.global_batch_size / max(elapsed, 1e-9),
                 "num_skipped_images": self.state["num_skipped_images"],
                 "num_nonfinite_steps": self.state["num_nonfinite_steps"],
@@ -388,8 +567,14 @@ class MAETrainer:
                 loss=f"{metrics['loss']:.4f}",
                 lr=f"{metrics['learning_rate']:.2e}",
                 img_s=f"{metrics['images_per_second']:.1f}",
+                **self._monitor_postfix,
             )
             self._window = {"losses": [], "start": time.perf_counter(), "skipped": torch.zeros((), dtype=torch.long)}
+        if self.monitor is not None and (last or step % self.monitor.every_n_steps == 0):
+            monitored = self.monitor(self, step)
+            self._log(monitored, step)
+            self._monitor_postfix = {key: f"{value:.4g}" for key, value in monitored.items()}
+            self._progress.set_postfix(**self._monitor_postfix, refresh=False)
         if last or (args.eval_steps and step % args.eval_steps == 0) or (not args.eval_steps and end_of_epoch):
             self._evaluate_and_visualize(step)
         if last or (args.save_steps and step % args.save_steps == 0) or (not args.save_steps and end_of_epoch):
@@ -475,6 +660,8 @@ class MAETrainer:
         trackers. Returns the path on the main process."""
         accelerator = self.accelerator
         dataset = self.eval_dataset if self.eval_dataset is not None else self.train_dataset
+        if isinstance(dataset, IterableDataset):  # a stream and no eval set: no fixed images to show
+            return None
         count = min(self.args.num_reconstruction_images, len(dataset))
         batch = self.data_collator([dataset[i] for i in range(count)])
         pixel_values = batch["pixel_values"].to(accelerator.device)
@@ -556,6 +743,8 @@ class MAETrainer:
             shutil.rmtree(tmp)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))
+        # Every process's stream position (a collective call, hence on all processes).
+        stream_positions = gather_object([self._stream_position]) if self._streaming else None
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             state = {
@@ -568,6 +757,8 @@ class MAETrainer:
                 "num_processes": accelerator.num_processes,
                 "learning_rate": self.learning_rate,
             }
+            if stream_positions is not None:
+                state["stream_positions"] = stream_positions
             (tmp / TRAINER_STATE_NAME).write_text(json.dumps(state, indent=2))
             if final.exists():  # re-running into the same folder: swap the old copy out before the rename
                 old = self.output_dir / f".old-checkpoint-{step}"
@@ -608,10 +799,26 @@ class MAETrainer:
                 f"{self.global_batch_size}; keep per_device_train_batch_size × processes × gradient_accumulation_steps "
                 "equal to resume (the data order and schedule depend on it)."
             )
+        if self._streaming:
+            self._stream_position = self._saved_stream_position(state, path)
         self.accelerator.load_state(path)
         self.state = {
             key: state[key] for key in ("global_step", "num_skipped_images", "num_nonfinite_steps", "log_history")
         }
+
+    def _saved_stream_position(self, state: dict, path: str) -> dict:
+        """This process's stream position in a checkpoint's state, if the run is split the same way."""
+        positions = state.get("stream_positions")
+        num_processes, readers = self.accelerator.num_processes, len(self._stream_position["batches"])
+        if positions is None:
+            raise ValueError(f"Checkpoint {path} is not from a streaming run: it holds no stream position.")
+        if len(positions) != num_processes or len(positions[0]["batches"]) != readers:
+            raise ValueError(
+                f"Checkpoint {path} was saved by {len(positions)} process(es) reading the stream with "
+                f"{len(positions[0]['batches'])} reader(s) each, this run has {num_processes} process(es) with "
+                f"{readers} (max(dataloader_num_workers, 1)); a streamed run resumes with the same split of the stream."
+            )
+        return positions[self.accelerator.process_index]
 
     # ------------------------------------------------------------------------------------------------------------------
     # Final model, card, Hub
@@ -642,7 +849,7 @@ class MAETrainer:
             "num_processes": self.accelerator.num_processes,
             "total_steps": self.args.total_steps(spe),
             "warmup_steps": self.args.resolved_warmup_steps(spe),
-            "epochs": self.args.total_steps(spe) / spe,
+            "epochs": None if self._streaming else self.args.total_steps(spe) / spe,
             "min_lr": self.args.min_lr,
             "weight_decay": self.args.weight_decay,
             "optimizer": f"AdamW (betas=({self.args.adam_beta1}, {self.args.adam_beta2}), eps={self.args.adam_epsilon})",
