@@ -6,11 +6,13 @@ that load from other processes hits both alike, and reports the median over repe
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
@@ -20,7 +22,9 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 __all__ = [
     "DTYPES",
+    "add_comparison_arguments",
     "autocast",
+    "comparison_rows",
     "configure_threads",
     "count_flops",
     "flop_counter",
@@ -28,7 +32,10 @@ __all__ = [
     "machine_info",
     "matmul_step",
     "median",
+    "paired_ratio",
+    "parse_checked",
     "peak_memory",
+    "record_command",
     "state_bytes",
     "synchronize",
     "time_alternating",
@@ -36,6 +43,91 @@ __all__ = [
 ]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def add_comparison_arguments(parser: argparse.ArgumentParser, *, batch_size: int) -> None:
+    """The arguments the CPU comparison scripts share: model size, input, dtypes, repeats, threads, output."""
+    from maekit import PRESETS
+
+    parser.add_argument("--preset", default="vit-base-patch16", choices=sorted(PRESETS))
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--dtype", nargs="+", default=["fp32"], choices=sorted(DTYPES), help="bf16 = torch.autocast")
+    parser.add_argument("--repeats", type=int, default=10, help="timed repeats per contender (median reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed repeats per contender first")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--matmul-size", type=int, default=2048, help="side of the square matmul timed as peak")
+    parser.add_argument("--no-transformers", action="store_true", help="time maekit only")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", default=None, help="write the results as JSON here")
+
+
+def parse_checked(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+    positive: Sequence[str] = ("batch_size", "image_size", "repeats", "matmul_size"),
+) -> argparse.Namespace:
+    """Parse `argv`, exiting with a usage error when one of the `positive` integer arguments is below 1."""
+    args = parser.parse_args(argv)
+    for name in positive:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    return args
+
+
+def record_command(result: dict, script: str, argv: Sequence[str] | None, output: str | None) -> None:
+    """Store the command line in `result["settings"]` and write `result` to `output` as JSON."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    result["settings"]["command"] = " ".join(["python", f"benchmarks/{script}", *argv])
+    write_json(output, result)
+
+
+def comparison_rows(
+    times: dict[tuple[str, str], list[float]],
+    flops: dict[tuple[str, str], int],
+    matmul_flops: dict[str, int],
+    *,
+    batch_size: int,
+    unit: str,
+    matmul_name: str,
+    extra: dict[tuple[str, str], dict],
+) -> list[dict]:
+    """Table rows from `time_alternating` times keyed (contender, dtype), with the ("matmul", dtype) rows as peak.
+
+    Per contender: img/s and ms per `unit` (medians), the best repeat, FLOPs, FLOP rate, `% matmul peak` and
+    `vs transformers` (both ratios taken within each repeat, median over repeats), plus `extra[key]` columns.
+    """
+    rows = []
+    for (name, dtype), seconds in times.items():
+        if name == "matmul":
+            gflop = matmul_flops[dtype] / 1e9
+            row = {"impl": matmul_name, "dtype": dtype, f"ms/{unit}": median(seconds) * 1e3, f"GFLOP/{unit}": gflop}
+            row.update({"GFLOP/s": gflop / median(seconds), "% matmul peak": 100.0})
+        else:
+            gflop = flops[(name, dtype)] / 1e9
+            row = {
+                "impl": name,
+                "dtype": dtype,
+                "img/s": batch_size / median(seconds),
+                f"ms/{unit}": median(seconds) * 1e3,
+                "best ms": min(seconds) * 1e3,
+                f"GFLOP/{unit}": gflop,
+                "GFLOP/s": gflop / median(seconds),
+                # Against the matmul timed in the same repeat (same load), median over repeats.
+                "% matmul peak": 100.0
+                * gflop
+                * 1e9
+                / matmul_flops[dtype]
+                * paired_ratio(times["matmul", dtype], seconds),
+                **extra[(name, dtype)],
+            }
+            if name == "maekit" and ("transformers", dtype) in times:
+                row["vs transformers"] = f"{paired_ratio(times['transformers', dtype], seconds):.2f}x"
+        row["times_s"] = seconds
+        rows.append(row)
+    return rows
 
 
 def configure_threads(threads: int | None) -> int:
@@ -92,6 +184,15 @@ def time_alternating(
 def median(values: Sequence[float]) -> float:
     """Median of `values` (robust to the odd step slowed by another process)."""
     return statistics.median(values)
+
+
+def paired_ratio(numerators: Sequence[float], denominators: Sequence[float]) -> float:
+    """Median over repeats of `numerators[r] / denominators[r]`.
+
+    Contenders timed in the same repeat saw the same machine load, so the ratio within a repeat is steadier than the
+    ratio of two medians when other processes come and go.
+    """
+    return statistics.median(n / d for n, d in zip(numerators, denominators, strict=True))
 
 
 def matmul_step(device: torch.device, dtype: str, size: int, inner: int = 1) -> tuple[Callable[[], None], int]:

@@ -24,12 +24,21 @@ from .modeling_mae import (
     patchify,
     unpatchify,
 )
-from .training import MAETrainer, MAETrainingArguments
+from .training import (
+    ClassificationTrainer,
+    ClassificationTrainingArguments,
+    KNNMonitor,
+    MAETrainer,
+    MAETrainingArguments,
+)
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "PRESETS",
+    "ClassificationTrainer",
+    "ClassificationTrainingArguments",
+    "KNNMonitor",
     "MAEConfig",
     "MAEForImageClassification",
     "MAEForPreTraining",

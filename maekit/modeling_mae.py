@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -172,6 +173,16 @@ class DropPath(nn.Module):
         return f"drop_prob={self.drop_prob}"
 
 
+def _attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q kᵀ · scale) with the softmax in float32: (B, heads, N, N)."""
+    attn = (q @ k.transpose(-2, -1)) * scale
+    return attn.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+
+
+def _matmul_attention(q, k, v, scale: float, dropout_p: float, training: bool) -> torch.Tensor:
+    return F.dropout(_attention_probs(q, k, scale), dropout_p, training) @ v
+
+
 class MAEAttention(nn.Module):
     def __init__(
         self, dim: int, num_heads: int, qkv_bias: bool, attn_drop: float, proj_drop: float, config: MAEConfig
@@ -192,9 +203,13 @@ class MAEAttention(nn.Module):
         dropout_p = self.attn_drop if self.training else 0.0
         attn = None
         if output_attentions or self.config._attn_implementation == "eager":
-            attn = (q @ k.transpose(-2, -1)) * self.scale  # (B, heads, N, N)
-            attn = attn.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+            attn = _attention_probs(q, k, self.scale)  # (B, heads, N, N)
             x = F.dropout(attn, dropout_p, self.training) @ v
+        elif q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and torch.is_grad_enabled():
+            # SDPA's CPU flash kernel is slow in backward at low precision while plain GEMMs are fast (1.16-1.19x a
+            # ViT-B step, docs/performance.md). Same math, recomputed in backward so the (B, heads, N, N)
+            # probabilities are not kept, as with SDPA.
+            x = checkpoint(_matmul_attention, q, k, v, self.scale, dropout_p, self.training, use_reentrant=False)
         else:
             x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
         x = self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, d)))
@@ -622,8 +637,10 @@ class MAEForImageClassification(MAEPreTrainedModel):
     trunc_normal(std 2e-5) as in the official fine-tuning code.
     """
 
-    # Loading a pretraining checkpoint: the decoder (and, with mean pooling, the final norm) is dropped on purpose.
+    # Loading a pretraining checkpoint: the decoder (and, with mean pooling, the final norm) is dropped and the new
+    # head initialised on purpose, without a wall of load-report warnings.
     _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"^mae\.norm\."]
+    _keys_to_ignore_on_load_missing = [r"^head\.", r"^fc_norm\."]
 
     def __init__(self, config: MAEConfig):
         super().__init__(config)

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from maekit import MAEForImageClassification, MAEForPreTraining, MAEModel, patchify, unpatchify
-from maekit.modeling_mae import sincos_pos_embed_2d
+from maekit import MAEConfig, MAEForImageClassification, MAEForPreTraining, MAEModel, patchify, unpatchify
+from maekit.modeling_mae import MAEAttention, sincos_pos_embed_2d
 
 from .conftest import official_sincos
 
@@ -244,3 +244,22 @@ def test_classification_head(tiny_config, pooling):
     model(x, labels=torch.tensor([0, 1, 4])).loss.backward()
     unused = [n for n, p in model.named_parameters() if p.grad is None]
     assert unused == []  # every parameter gets a gradient: DDP needs no find_unused_parameters
+
+
+def test_cpu_low_precision_training_attention_runs_as_gemms_with_sdpa_numerics():
+    torch.manual_seed(0)
+    config = MAEConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    attn = MAEAttention(32, 2, True, 0.0, 0.0, config)
+    x = torch.randn(2, 17, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.profiler.profile() as prof:
+            out = attn(x)[0]
+        with torch.no_grad():
+            ref = attn(x)[0]  # inference keeps SDPA
+    assert not any("scaled_dot_product" in event.key for event in prof.key_averages())
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+    out.float().pow(2).sum().backward()
+    grad = x.grad.clone()
+    x.grad = None
+    attn(x)[0].pow(2).sum().backward()  # fp32 SDPA reference
+    torch.testing.assert_close(grad, x.grad, atol=5e-2, rtol=5e-2)

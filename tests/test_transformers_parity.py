@@ -245,3 +245,24 @@ def test_push_to_hub_uploads_a_complete_folder(tiny_config):
     ):
         model.push_to_hub("me/mae")
     assert {"config.json", "model.safetensors"} <= set(uploaded)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_classifier_from_transformers_folder_takes_config_overrides(tmp_path, pooling):
+    reference = reference_model()
+    reference.save_pretrained(tmp_path)
+    model = MAEForImageClassification.from_pretrained(tmp_path, num_labels=7, pooling=pooling, drop_path_rate=0.1)
+    assert model.config.num_labels == 7 and model.config.pooling == pooling and model.config.drop_path_rate == 0.1
+    assert model.head.out_features == 7
+    torch.testing.assert_close(
+        model.mae.blocks[0].attn.proj.weight, reference.vit.layers[0].attention.o_proj.weight, rtol=0, atol=0
+    )
+    assert model(torch.randn(2, 3, 32, 32)).logits.shape == (2, 7)
+
+
+def test_classifier_from_maekit_pretraining_folder_is_quiet(tmp_path, tiny_config):
+    MAEForPreTraining(tiny_config()).save_pretrained(tmp_path)
+    model, info = MAEForImageClassification.from_pretrained(tmp_path, num_labels=3, output_loading_info=True)
+    # nothing for transformers' load report: the decoder is dropped and the head is new on purpose
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert model.head.weight.abs().max() < 1e-3  # the new head has the official trunc_normal(2e-5) init

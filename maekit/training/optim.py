@@ -48,5 +48,14 @@ def create_optimizer(
     model: nn.Module, *, learning_rate: float, weight_decay: float, betas: tuple[float, float], eps: float = 1e-8
 ) -> torch.optim.AdamW:
     """AdamW over `param_groups_weight_decay(model, weight_decay)` (official: betas (0.9, 0.95), decay 0.05)."""
-    groups = param_groups_weight_decay(model, weight_decay)
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate, betas=betas, eps=eps)
+    groups = [g for g in param_groups_weight_decay(model, weight_decay) if g["params"]]
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused_adamw_supported(groups))
+
+
+def fused_adamw_supported(groups: list[dict]) -> bool:
+    """Whether every parameter can use the single fused AdamW kernel (CPU and CUDA floating point).
+
+    On CPU the default AdamW is a per-parameter loop: 6-9% of an fp32 ViT-B MAE step, 17-24% of a bf16 one,
+    against about 1% fused (docs/performance.md).
+    """
+    return all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for g in groups for p in g["params"])

@@ -1,0 +1,95 @@
+"""Smoke tests of the benchmark scripts: they run end to end on tiny models, and their measuring helpers are right."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import common  # noqa: E402
+import inference  # noqa: E402
+import train_step  # noqa: E402
+
+TINY = (
+    "hidden_size=32,num_hidden_layers=1,num_attention_heads=2,intermediate_size=64,decoder_hidden_size=32,"
+    "decoder_num_hidden_layers=1,decoder_num_attention_heads=2,decoder_intermediate_size=64,patch_size=8"
+)
+QUICK = ["--batch-size", "2", "--image-size", "32", "--repeats", "1", "--warmup", "1", "--matmul-size", "64"]
+
+
+def test_count_flops_counts_linear_and_cpu_attention():
+    x, w = torch.randn(4, 8), torch.randn(16, 8)
+    assert common.count_flops(lambda: F.linear(x, w)) == 2 * 4 * 8 * 16
+    # SDPA on CPU dispatches to a kernel torch's counter does not know; ours counts QK^T and PV: 2 * 2*B*H*N*N*d.
+    q = torch.randn(2, 3, 5, 4)
+    assert common.count_flops(lambda: F.scaled_dot_product_attention(q, q, q)) == 2 * 2 * 2 * 3 * 5 * 5 * 4
+
+
+def test_peak_memory_sees_transient_tensors_on_cpu():
+    def fn():
+        a = torch.empty(2**20, dtype=torch.uint8)  # 1 MiB
+        b = torch.empty(2 * 2**20, dtype=torch.uint8)  # 2 MiB, both live: 3 MiB
+        del a, b
+        return torch.empty(2**19, dtype=torch.uint8)  # 0.5 MiB after the peak
+
+    peak = common.peak_memory(fn, torch.device("cpu"))
+    assert 3 * 2**20 <= peak < 3.1 * 2**20
+
+
+def test_parse_overrides():
+    assert train_step.parse_overrides("a=1,b=0.5,c=gelu,d=true") == {"a": 1, "b": 0.5, "c": "gelu", "d": True}
+    with pytest.raises(ValueError, match="field=value"):
+        train_step.parse_overrides("hidden_size")
+
+
+def test_train_step_benchmark_runs_and_compares_the_same_computation(tmp_path, capsys):
+    out = tmp_path / "train_step.json"
+    result = train_step.main(
+        ["--preset", "vit-tiny-patch16", "--dtype", "fp32", "bf16", "--config-overrides", TINY, "--profile", "3"]
+        + QUICK
+        + ["--output", str(out)]
+    )
+    assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(result["rows"]))
+    assert result["first_loss"]["maekit"] == pytest.approx(result["first_loss"]["transformers"], rel=1e-5)
+    rows = {(r["impl"], r["dtype"]): r for r in result["rows"]}
+    assert set(rows) == {(i, d) for i in ("maekit", "transformers", "matmul 64²") for d in ("fp32", "bf16")}
+    for dtype in ("fp32", "bf16"):
+        ours, theirs = rows[("maekit", dtype)], rows[("transformers", dtype)]
+        assert ours["img/s"] > 0 and ours["peak MiB"] > ours["step MiB"] > 0
+        # maekit skips embedding the masked patches, otherwise both count the same matmuls.
+        assert 0.8 < ours["GFLOP/step"] / theirs["GFLOP/step"] <= 1.0
+        assert ours["vs transformers"].endswith("x")
+    assert len(result["profiles"]["maekit fp32"]) == 3
+    printed = capsys.readouterr().out
+    assert printed.rstrip().splitlines()[-1].startswith("| matmul 64²")  # the table comes last
+
+
+def test_inference_benchmark_features_match_transformers_without_masking():
+    result = inference.main(["--preset", "vit-tiny-patch16"] + QUICK)
+    assert result["features_max_abs_diff_fp32"] < 1e-4
+    assert result["settings"]["transformers_mask_ratio"] == 0.0
+    assert [r["impl"] for r in result["rows"]] == ["maekit", "transformers", "matmul 64²"]
+    assert all(r["img/s"] > 0 for r in result["rows"][:2])
+
+
+def test_gpu_benchmark_runs_on_cpu_without_datasets(tmp_path):
+    out = tmp_path / "gpu.json"
+    argv = ["--device", "cpu", "--preset", "vit-tiny-patch16", "--config-overrides", TINY, "--no-compile"]
+    argv += QUICK + ["--output", str(out)]
+    code = (
+        "import sys; sys.modules['datasets'] = None; "  # the H200 machine has no `datasets`: importing it must fail
+        f"sys.path.insert(0, {str(BENCHMARKS)!r}); import gpu_train_step; gpu_train_step.main({argv!r})"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [r["impl"] for r in result["rows"]] == ["maekit", "transformers", "matmul 64² bf16"]
+    assert result["rows"][0]["MFU %"] > 0 and result["rows"][0]["vs transformers"].endswith("x")
+    assert result["settings"]["attention_kernel"] == {"maekit": "flash-cpu", "transformers": "flash-cpu"}
+    assert proc.stdout.rstrip().splitlines()[-1].startswith("| matmul 64² bf16")
