@@ -423,3 +423,41 @@ def test_two_processes_match_one_process(tmp_path):
     evals = [[e["eval_loss"] for e in s["log_history"] if "eval_loss" in e] for s in (state_one, state_two)]
     assert len(evals[0]) == 1 and evals[0] == pytest.approx(evals[1], abs=1e-12)
     assert max_diff(weights(tmp_path / "one"), weights(tmp_path / "two")) < 1e-10
+
+
+def test_gradient_checkpointing_flag_same_weights(tiny_config, tmp_path):
+    def run(name, **flags):
+        trainer = MAETrainer(
+            make_model(tiny_config, dtype=torch.float64),
+            make_args(tmp_path / name, max_steps=2, **flags),
+            TensorImages(dtype=torch.float64),
+        )
+        trainer.train()
+        return trainer
+
+    plain, checkpointed = run("plain"), run("ckpt", gradient_checkpointing=True)
+    assert (
+        checkpointed.model.mae.blocks[0].gradient_checkpointing
+        and checkpointed.model.decoder.blocks[0].gradient_checkpointing
+    )
+    assert not plain.model.mae.blocks[0].gradient_checkpointing
+    assert step_losses(plain) == pytest.approx(step_losses(checkpointed), abs=1e-12)
+    assert max_diff(weights(tmp_path / "plain"), weights(tmp_path / "ckpt")) < 1e-12
+
+
+def test_torch_compile_flag_matches_eager(tiny_config, tmp_path):
+    from accelerate.state import AcceleratorState
+
+    def run(name, **flags):
+        AcceleratorState._reset_state(reset_partial_state=True)  # the dynamo backend is fixed once per process
+        trainer = MAETrainer(make_model(tiny_config), make_args(tmp_path / name, max_steps=2, **flags), TensorImages())
+        trainer.train()
+        return trainer
+
+    try:
+        eager, compiled = run("eager"), run("compiled", torch_compile=True)
+        assert compiled._wrapped_model.__class__.__name__ == "OptimizedModule"  # really compiled
+        assert step_losses(compiled) == pytest.approx(step_losses(eager), rel=1e-4, abs=1e-5)
+        assert max_diff(weights(tmp_path / "eager"), weights(tmp_path / "compiled")) < 1e-4
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)

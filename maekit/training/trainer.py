@@ -287,6 +287,7 @@ class MAETrainer:
         self.accelerator = Accelerator(
             gradient_accumulation_steps=args.gradient_accumulation_steps,
             mixed_precision=args.mixed_precision,  # None: as `accelerate launch` / its config says
+            dynamo_backend="inductor" if args.torch_compile else None,  # None: as `accelerate launch` says
             log_with=trackers or None,
             project_config=ProjectConfiguration(
                 project_dir=str(self.output_dir), logging_dir=args.logging_dir or str(self.output_dir / "runs")
@@ -377,6 +378,8 @@ class MAETrainer:
         spe, total_steps = self.steps_per_epoch, self.args.total_steps(self.steps_per_epoch)
         self._configure_deepspeed()
         self.optimizer = self.create_optimizer()
+        if args.gradient_checkpointing:
+            self.model.activation_checkpointing_enable()
         model, optimizer = accelerator.prepare(self.model, self.optimizer)
         self._wrapped_model = model
         if args.resume_from_checkpoint:
@@ -827,7 +830,8 @@ class MAETrainer:
         accelerator = self.accelerator
         accelerator.wait_for_everyone()
         model = self._model_for_inference()
-        state_dict = accelerator.get_state_dict(model)
+        # torch.compile (torch_compile=True) prefixes parameter names with `_orig_mod.`; the saved model must not.
+        state_dict = {k.replace("_orig_mod.", ""): v for k, v in accelerator.get_state_dict(model).items()}
         if accelerator.is_main_process:
             accelerator.unwrap_model(model).save_pretrained(self.output_dir, state_dict=state_dict)
             if self.image_processor is not None:
