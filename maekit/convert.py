@@ -222,15 +222,22 @@ def load_transformers_vit_mae(cls, pretrained_model_name_or_path, **kwargs):
     dtype = kwargs.pop("dtype", None)
     kwargs.pop("torch_dtype", None)
     hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
-    source_cls = ViTMAEForPreTraining if issubclass(cls, MAEForPreTraining) else ViTMAEModel
+    # Read a pretraining checkpoint through the pretraining class even for an encoder (no wall of "unexpected
+    # decoder keys"); an encoder-only one through ViTMAEModel.
+    config_dict, _ = PretrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub)
+    has_decoder = "ViTMAEForPreTraining" in (config_dict.get("architectures") or [])
+    source_cls = ViTMAEForPreTraining if issubclass(cls, MAEForPreTraining) or has_decoder else ViTMAEModel
     source, info = source_cls.from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **hub)
     config = config_from_transformers(source.config)
+    attn_implementation = kwargs.pop("attn_implementation", None)
     # Config overrides as transformers' from_pretrained takes them (num_labels=, pooling=, drop_path_rate=, ...).
     overrides = {k: kwargs.pop(k) for k in list(kwargs) if k not in _HUB_KWARGS and hasattr(config, k)}
     if overrides:
         config = MAEConfig(**{**config.to_dict(), **overrides})
     sd = state_dict_from_transformers(source.state_dict(), config)
     model = cls(config)
+    if attn_implementation:
+        model.set_attn_implementation(attn_implementation)
     source_missing = sorted(info["missing_keys"])
     if any(k.startswith("decoder.") for k in source_missing):
         # transformers initialises an absent decoder with zero mask token / position table: keep maekit's own init.

@@ -307,7 +307,10 @@ def decode_image(value: Any, max_image_pixels: int | None = None) -> Image.Image
     elif isinstance(value, (str, os.PathLike)):
         image = Image.open(value)
     elif isinstance(value, Image.Image):
-        image = value
+        if getattr(value, "fp", None) is not None and getattr(value, "filename", ""):
+            image = Image.open(value.filename)  # a fresh lazy handle: draft() must never shrink the caller's image
+        else:
+            image = value
     elif isinstance(value, np.ndarray):
         image = Image.fromarray(value)
     elif value is None:
@@ -363,6 +366,14 @@ def _undecoded(dataset: Any, image_column: str) -> Any:
     return dataset
 
 
+def _raised_in_pil(err: BaseException) -> bool:
+    """Whether an exception was raised inside PIL (a decoding problem) rather than in maekit's own code."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and f"{os.sep}PIL{os.sep}" in tb.tb_frame.f_code.co_filename
+
+
 class _SampleLoader:
     """Decode + transform one record, turning decode failures into `BadImageError` naming the source."""
 
@@ -381,6 +392,8 @@ class _SampleLoader:
         except BadImageError as err:
             raise BadImageError(f"{where}: {err}") from err
         except _DECODE_ERRORS as err:
+            if isinstance(err, ValueError) and not _raised_in_pil(err):
+                raise  # a ValueError of the transform itself is a configuration error, not a bad file
             raise BadImageError(f"{where}: cannot decode {name}: {type(err).__name__}: {err}") from err
         sample = {"pixel_values": pixel_values}
         if self.label_column is not None:

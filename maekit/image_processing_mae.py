@@ -152,6 +152,12 @@ class MAEImageProcessor(PilBackend):
         super().__init__(**kwargs)
         if not isinstance(self.num_channels, int) or self.num_channels < 1:
             raise ValueError(f"num_channels must be a positive int, got {self.num_channels!r}.")
+        for name in ("image_mean", "image_std"):
+            value = getattr(self, name, None)
+            if isinstance(value, (list, tuple)) and len(value) != self.num_channels:
+                raise ValueError(
+                    f"{name} has {len(value)} values but num_channels is {self.num_channels}; give one per channel."
+                )
         if isinstance(self.patch_size, list):
             self.patch_size = tuple(self.patch_size)
 

@@ -16,11 +16,9 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.utils import ModelOutput, logging
+from transformers.utils import ModelOutput
 
-from .configuration_mae import MAEConfig
-
-logger = logging.get_logger(__name__)
+from .configuration_mae import MAEConfig, _pair
 
 __all__ = [
     "MAEModel",
@@ -85,10 +83,6 @@ class MAEForPreTrainingOutput(ModelOutput):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Patches and position embeddings
-
-
-def _pair(value) -> tuple[int, int]:
-    return tuple(value) if isinstance(value, (list, tuple)) else (value, value)
 
 
 def patchify(pixel_values: torch.Tensor, patch_size) -> torch.Tensor:
@@ -263,6 +257,11 @@ class MAEPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["MAEBlock"]
     _supports_sdpa = True
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        # `MAEAttention` reads `config._attn_implementation` at every call, so switching after loading works.
+        return True
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -449,7 +448,6 @@ class MAEModel(MAEPreTrainedModel):
                     f"noise must have shape (batch, num_patches) = {(batch, length)}, got {tuple(noise.shape)}."
                 )
             ids_keep, mask, ids_restore = random_masking(batch, length, mask_ratio, noise, pixel_values.device)
-            mask = mask.to(pixel_values.dtype if pixel_values.is_floating_point() else torch.float32)
             patches = _gather_tokens(patches, ids_keep)  # (B, kept, C*p*q): only visible patches get embedded
             patch_pos = _gather_tokens(patch_pos, ids_keep)
 
@@ -553,7 +551,10 @@ class MAEForPreTraining(MAEPreTrainedModel):
 
     def forward_loss(self, pixel_values: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Per-patch MSE against the (optionally per-patch normalized) pixels, averaged over removed patches."""
-        target = self.patchify(pixel_values)
+        # In float32 whatever the model dtype (as autocast does): a bf16/fp16 sum over a large batch overflows or
+        # rounds, and so do the per-patch statistics of norm_pix_loss.
+        dtype = torch.promote_types(pred.dtype, torch.float32)  # float64 stays float64
+        target, pred = self.patchify(pixel_values).to(dtype), pred.to(dtype)
         if self.config.norm_pix_loss:
             mean = target.mean(dim=-1, keepdim=True)
             var = target.var(dim=-1, keepdim=True)
@@ -649,6 +650,10 @@ class MAEForImageClassification(MAEPreTrainedModel):
         if config.pooling == "mean":
             # As the official global-pool model: no final encoder norm (it would get no gradient and stall DDP).
             self.mae.norm = nn.Identity()
+        # As official fine-tuning (timm's VisionTransformer): the position table starts from the pretrained sin-cos
+        # one and is trained (layer 0 for layer decay, no weight decay).
+        table = self.mae._buffers.pop("pos_embed")
+        self.mae.pos_embed = nn.Parameter(table)
         self.fc_norm = (
             nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.pooling == "mean" else None
         )

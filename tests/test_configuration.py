@@ -65,6 +65,10 @@ INVALID = [
     ({"drop_path_rate": -0.1}, "drop_path_rate"),
     ({"layer_norm_eps": 0.0}, "layer_norm_eps"),
     ({"pooling": "max"}, "pooling"),
+    ({"layer_norm_eps": None}, "layer_norm_eps"),
+    ({"initializer_range": "x"}, "initializer_range"),
+    ({"norm_pix_loss": "no"}, "norm_pix_loss"),
+    ({"qkv_bias": None}, "qkv_bias"),
     ({"hidden_size": 6, "num_attention_heads": 2, "intermediate_size": 8}, "divisible by 4"),
 ]
 

@@ -379,3 +379,24 @@ def test_data_pipeline_benchmark_runs_without_torchvision(tmp_path, monkeypatch,
     ]
     assert all(row["img/s"] > 0 for row in result["rows"])
     assert "maekit column only" in capsys.readouterr().out
+
+
+def test_train_transform_never_shrinks_the_callers_image(tmp_path):
+    path = tmp_path / "big.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (1200, 1600, 3), dtype=np.uint8)).save(path, quality=90)
+    image = Image.open(path)
+    transform = MAETrainTransform(size=32)
+    dataset = MAEImageDataset([image], transform, seed=0)
+    first, second = dataset[0]["pixel_values"], dataset[0]["pixel_values"]
+    assert image.size == (1600, 1200)  # draft() worked on a fresh handle, not on the caller's image
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+
+
+def test_a_transform_configuration_error_is_not_a_bad_file():
+    def broken(image, generator=None):
+        raise ValueError("mean must have 1 elements")
+
+    dataset = MAEImageDataset([Image.new("RGB", (40, 40))], broken, seed=0)
+    with pytest.raises(ValueError, match="mean must have 1 elements") as info:
+        dataset[0]
+    assert not isinstance(info.value, BadImageError)

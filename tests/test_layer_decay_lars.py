@@ -71,7 +71,7 @@ def test_layer_decay_matches_official_rule_for_12_blocks(pooling):
     else:
         assert got["mae.norm.weight"] == (13, 1.0, 0.0)
     assert len(groups) == 2 * 14  # decay and no-decay group for each of the 14 layers
-    assert "mae.pos_embed" not in got  # a fixed buffer in maekit
+    assert got["mae.pos_embed"] == (0, pytest.approx(0.65**13), 0.0)  # trained in fine-tuning, as official
 
 
 def test_layer_decay_on_bare_encoder_and_frozen_params(tiny_config):

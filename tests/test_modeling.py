@@ -134,7 +134,10 @@ def test_eager_and_sdpa_agree_and_attentions(tiny_config):
     assert len(with_attn.attentions) == 2 and with_attn.attentions[0].shape == (2, 2, 5, 5)
     torch.testing.assert_close(with_attn.attentions[0].sum(-1), torch.ones(2, 2, 5))
     model.set_attn_implementation("eager")
-    eager = model(x, noise=noise)
+    assert model.config._attn_implementation == "eager"
+    with torch.profiler.profile() as prof:
+        eager = model(x, noise=noise)
+    assert not any("scaled_dot_product" in event.key for event in prof.key_averages())
     torch.testing.assert_close(eager.logits, sdpa.logits, atol=1e-5, rtol=1e-5)
 
 
@@ -263,3 +266,20 @@ def test_cpu_low_precision_training_attention_runs_as_gemms_with_sdpa_numerics()
     x.grad = None
     attn(x)[0].pow(2).sum().backward()  # fp32 SDPA reference
     torch.testing.assert_close(grad, x.grad, atol=5e-2, rtol=5e-2)
+
+
+def test_loss_is_computed_in_float32_for_low_precision_models(tiny_config):
+    model = MAEForPreTraining(tiny_config()).eval()
+    x, noise = torch.randn(64, 3, 32, 32), torch.rand(64, 16)
+    reference = model(x, noise=noise).loss
+    half = model.to(torch.bfloat16)(x.bfloat16(), noise=noise)
+    assert half.loss.dtype == torch.float32 and half.mask.dtype == torch.float32
+    assert abs(half.loss.item() - reference.item()) < 0.02 * reference.item()
+
+
+def test_classifier_trains_its_position_table_as_official_fine_tuning(tiny_config):
+    model = MAEForImageClassification(tiny_config(num_labels=3))
+    assert isinstance(model.mae.pos_embed, torch.nn.Parameter) and model.mae.pos_embed.requires_grad
+    torch.testing.assert_close(model.mae.pos_embed.detach(), sincos_pos_embed_2d(32, (4, 4)), rtol=0, atol=0)
+    model(torch.randn(2, 3, 32, 32), labels=torch.tensor([0, 2])).loss.backward()
+    assert model.mae.pos_embed.grad is not None

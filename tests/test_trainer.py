@@ -461,3 +461,36 @@ def test_torch_compile_flag_matches_eager(tiny_config, tmp_path):
         assert max_diff(weights(tmp_path / "eager"), weights(tmp_path / "compiled")) < 1e-4
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_a_new_run_never_prunes_or_shadows_checkpoints_it_did_not_write(tiny_config, tmp_path):
+    MAETrainer(make_model(tiny_config), make_args(tmp_path, max_steps=4, save_steps=4), TensorImages()).train()
+    assert (tmp_path / "checkpoint-4").is_dir()
+    fresh = MAETrainer(
+        make_model(tiny_config), make_args(tmp_path, max_steps=2, save_steps=1, save_total_limit=1), TensorImages()
+    )
+    with pytest.raises(ValueError, match="checkpoint-4.*overwrite_output_dir"):
+        fresh.train()
+    assert (tmp_path / "checkpoint-4" / "trainer_state.json").is_file()  # untouched
+    # Resuming from an earlier checkpoint while a later one exists is refused the same way.
+    MAETrainer(make_model(tiny_config), make_args(tmp_path / "b", max_steps=4, save_steps=2), TensorImages()).train()
+    early = MAETrainer(
+        make_model(tiny_config),
+        make_args(tmp_path / "b", max_steps=4, resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-2")),
+        TensorImages(),
+    )
+    with pytest.raises(ValueError, match="checkpoint-4"):
+        early.train()
+    # The explicit switch deletes them and starts over.
+    MAETrainer(
+        make_model(tiny_config),
+        make_args(tmp_path, max_steps=2, save_steps=1, save_total_limit=1, overwrite_output_dir=True),
+        TensorImages(),
+    ).train()
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2"]
+
+
+@pytest.mark.parametrize("name", ["eval_steps", "save_steps", "save_total_limit"])
+def test_zero_step_settings_are_refused(tmp_path, name):
+    with pytest.raises(ValueError, match=name):
+        make_args(tmp_path, **{name: 0})

@@ -266,3 +266,8 @@ def test_classifier_from_maekit_pretraining_folder_is_quiet(tmp_path, tiny_confi
     # nothing for transformers' load report: the decoder is dropped and the head is new on purpose
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert model.head.weight.abs().max() < 1e-3  # the new head has the official trunc_normal(2e-5) init
+
+
+def test_transformers_folder_with_eager_attention(tmp_path):
+    reference_model().save_pretrained(tmp_path)
+    assert MAEModel.from_pretrained(tmp_path, attn_implementation="eager").config._attn_implementation == "eager"

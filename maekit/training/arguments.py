@@ -70,6 +70,13 @@ class MAETrainingArguments:
             "help": f"Mixed precision {_MIXED_PRECISION}; default: as `accelerate launch`/config says, else 'no'."
         },
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start over in an output_dir that holds checkpoints of another run (they are deleted); without "
+            "it such a run is refused, so no checkpoint is ever pruned or shadowed by a run that did not write it."
+        },
+    )
     torch_compile: bool = field(
         default=False,
         metadata={"help": "Compile the model with torch.compile (inductor), through Accelerate's dynamo plugin."},
@@ -136,10 +143,14 @@ class MAETrainingArguments:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-        for name in ("eval_steps", "save_steps", "save_total_limit", "warmup_steps"):
+        for name in ("eval_steps", "save_steps", "save_total_limit"):  # 0 would silently mean "not set"
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                raise ValueError(f"{name} must be None or a non-negative integer, got {value!r}.")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ValueError(f"{name} must be None (the default) or a positive integer, got {value!r}.")
+        if self.warmup_steps is not None and (
+            isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0
+        ):
+            raise ValueError(f"warmup_steps must be None or a non-negative integer, got {self.warmup_steps!r}.")
         if self.max_steps <= 0 and not self.num_train_epochs > 0:
             raise ValueError(
                 f"Set max_steps > 0 or num_train_epochs > 0; got max_steps={self.max_steps}, "

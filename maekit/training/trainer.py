@@ -99,6 +99,11 @@ def _check_streaming(dataset: MAEIterableImageDataset, args: MAETrainingArgument
             "warmup_steps must be set with a streaming train_dataset: warmup_epochs cannot be converted to steps when "
             "the length of an epoch is unknown."
         )
+    if args.save_steps is None:
+        logger.warning(
+            "save_steps is not set: a streaming run (one pass of unknown length) writes its only checkpoint at the "
+            "end, so a crash loses it all. Set save_steps."
+        )
 
 
 class _EpochBatchSampler(Sampler):
@@ -376,14 +381,24 @@ class MAETrainer:
         """
         args, accelerator = self.args, self.accelerator
         spe, total_steps = self.steps_per_epoch, self.args.total_steps(self.steps_per_epoch)
+        if total_steps > 1 and args.resolved_warmup_steps(spe) >= total_steps:
+            logger.warning(
+                f"The warmup ({args.resolved_warmup_steps(spe)} steps from warmup_steps={args.warmup_steps}, "
+                f"warmup_epochs={args.warmup_epochs}) covers the whole run of {total_steps} steps: the learning rate "
+                "only rises. Set warmup_steps (or warmup_epochs) below the run length."
+            )
         self._configure_deepspeed()
         self.optimizer = self.create_optimizer()
         if args.gradient_checkpointing:
             self.model.activation_checkpointing_enable()
         model, optimizer = accelerator.prepare(self.model, self.optimizer)
         self._wrapped_model = model
+        # Per-process random streams (drop path, mixup in the collator), as the official `seed + rank`; the data
+        # order, augmentations and masks do not use them. A resumed run restores them from the checkpoint.
+        set_seed(args.seed, device_specific=True)
         if args.resume_from_checkpoint:
             self._load_checkpoint(args.resume_from_checkpoint)
+        self._claim_output_dir()
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.trackers:
@@ -733,6 +748,15 @@ class MAETrainer:
             config["train_micro_batch_size_per_gpu"] = self.args.per_device_train_batch_size
         if config.get("train_batch_size", "auto") == "auto":
             config["train_batch_size"] = self.global_batch_size
+        # Clipping is DeepSpeed's own: follow max_grad_norm (off by default, as official) unless the config sets it.
+        if config.get("gradient_clipping", "auto") == "auto":
+            config["gradient_clipping"] = self.args.max_grad_norm or 0.0
+        accumulation = config.get("gradient_accumulation_steps", "auto")
+        if accumulation != "auto" and accumulation != self.args.gradient_accumulation_steps:
+            raise ValueError(
+                f"The DeepSpeed config has gradient_accumulation_steps={accumulation} but the trainer was given "
+                f"gradient_accumulation_steps={self.args.gradient_accumulation_steps}; make them equal (or 'auto')."
+            )
 
     # ------------------------------------------------------------------------------------------------------------------
     # Checkpoints
@@ -774,6 +798,27 @@ class MAETrainer:
         accelerator.wait_for_everyone()
         if self.args.push_to_hub and self.args.hub_strategy == "every_save":
             self._save_final_model(commit_message=f"Training in progress, step {step}")
+
+    def _claim_output_dir(self) -> None:
+        """Refuse to run where checkpoints of another run (or of a later point of this one) would be pruned,
+        overwritten or picked as "latest" — unless `overwrite_output_dir`, which deletes them."""
+        step = self.state["global_step"]
+        later = [p for p in _complete_checkpoints(self.output_dir) if int(p.name.split("-")[-1]) > step]
+        if not later:
+            return
+        names = ", ".join(p.name for p in later)
+        if not self.args.overwrite_output_dir:
+            what = f"resumed at step {step}" if step else "started from scratch"
+            raise ValueError(
+                f"output_dir {str(self.output_dir)!r} already holds {names}, which this run ({what}) did not write. "
+                "Pass resume_from_checkpoint='latest' to continue from there, another output_dir, or "
+                "overwrite_output_dir=True to delete them and start over."
+            )
+        if self.accelerator.is_main_process:
+            logger.warning(f"overwrite_output_dir: deleting {names} in {self.output_dir}.")
+            for path in later:
+                shutil.rmtree(path)
+        self.accelerator.wait_for_everyone()
 
     def _prune_checkpoints(self) -> None:
         limit = self.args.save_total_limit
