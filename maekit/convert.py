@@ -21,6 +21,7 @@ import torch
 from huggingface_hub import HfApi, hf_hub_download
 from safetensors.torch import load_file, save_file
 from transformers import PretrainedConfig, ViTMAEConfig, ViTMAEForPreTraining, ViTMAEModel
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from transformers.utils import logging
 
 from .configuration_mae import MAEConfig
@@ -295,7 +296,6 @@ _TIMM_ARCHITECTURES = {
     1024: "vit_large_patch16_224",
     1280: "vit_huge_patch14_224",
 }
-_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 _POS_EMBED_ATOL = 1e-4
 
 
@@ -667,8 +667,8 @@ def save_timm(model, save_directory: str | Path) -> Path:
             "interpolation": "bicubic",
             "crop_pct": 0.875,
             "crop_mode": "center",
-            "mean": list(_IMAGENET_MEAN),
-            "std": list(_IMAGENET_STD),
+            "mean": list(IMAGENET_DEFAULT_MEAN),
+            "std": list(IMAGENET_DEFAULT_STD),
             "num_classes": args["num_classes"],
             "first_conv": "patch_embed.proj",
             "classifier": "head",

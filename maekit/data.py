@@ -384,7 +384,12 @@ class _SampleLoader:
         self.max_image_pixels = max_image_pixels
 
     def __call__(self, record: Any, generator: torch.Generator, where: str) -> dict[str, Any]:
-        value = record[self.image_column] if self.image_column is not None else record
+        if self.image_column is not None:
+            value = record[self.image_column]
+        elif isinstance(record, dict) and "image" in record:  # e.g. a stream without declared features
+            value = record["image"]
+        else:  # the record is the image: a path, bytes, a PIL image
+            value = record
         name = _source_name(value)
         try:
             image = decode_image(value, self.max_image_pixels)
@@ -520,8 +525,6 @@ class MAEIterableImageDataset(torch.utils.data.IterableDataset):
             image_column = _find_column(features, _IMAGE_COLUMN_NAMES, image_column, "image")
             label_column = _find_column(features, _LABEL_COLUMN_NAMES, label_column, "label")
             dataset = _undecoded(dataset, image_column)
-        elif image_column is None:
-            image_column = "image"
         self.dataset = dataset
         self.transform = transform
         self.seed = seed

@@ -58,7 +58,8 @@ def extract_features(
         dataloader (`Iterable`): batches as `{"pixel_values", "labels"}` mappings (maekit's `collate_fn`) or
             `(pixel_values, labels)` pairs.
         pool (`str`): `"cls"` — the cls token after the final norm (the official linear-probe default); `"mean"` —
-            the mean of the patch tokens after the final norm.
+            the mean of the patch tokens after the final norm (a mean-pooling `MAEForImageClassification` has no
+            final encoder norm: its `fc_norm` is not applied here).
         accelerator (`accelerate.Accelerator`, *optional*): when given, inputs are moved to its device, the encoder
             runs under its autocast (mixed precision), and the features of all processes are gathered with
             `gather_for_metrics` (duplicated samples that pad the last batch are dropped), so every process returns

@@ -94,8 +94,8 @@ def reconstruction_grid(
     for column, name in enumerate(COLUMNS):
         tiles = images[name].repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
         tiles = (tiles * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (B, th, tw, C)
-        if c == 1:
-            tiles = np.repeat(tiles, 3, axis=-1)
+        if c != 3:  # gray (or any other channel count): show the first channel in gray
+            tiles = np.repeat(tiles[..., :1], 3, axis=-1)
         for row in range(b):
             top, left = padding + row * (th + padding), padding + column * (tw + padding)
             canvas[top : top + th, left : left + tw] = tiles[row, ..., :3]

@@ -400,3 +400,12 @@ def test_a_transform_configuration_error_is_not_a_bad_file():
     with pytest.raises(ValueError, match="mean must have 1 elements") as info:
         dataset[0]
     assert not isinstance(info.value, BadImageError)
+
+
+def test_iterable_dataset_over_plain_paths(tmp_path):
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.png")
+        Image.new("RGB", (40, 40), (i * 80, 0, 0)).save(paths[-1])
+    samples = list(MAEIterableImageDataset(paths, MAETrainTransform(size=32), seed=0))
+    assert len(samples) == 3 and samples[0]["pixel_values"].shape == (3, 32, 32)

@@ -24,6 +24,7 @@ def write_model_card(
     dataset_name: str | None = None,
     model_name: str = "mae",
     reconstruction_image: str | None = None,
+    license: str | None = None,
 ) -> Path:
     """Write a Hub model card with YAML metadata (library_name, tags, datasets) and the training summary.
 
@@ -35,16 +36,15 @@ def write_model_card(
         dataset_name (`str`, *optional*): dataset Hub id or name, listed under `datasets`.
         model_name (`str`): title of the card.
         reconstruction_image (`str`, *optional*): a PNG path relative to the card, embedded as the reconstructions.
+        license (`str`, *optional*): license of the weights (it depends on the training data: none is claimed unless
+            given).
 
     Returns:
         `Path`: the written file.
     """
-    metadata = {
-        "library_name": "maekit",
-        "license": "apache-2.0",
-        "tags": TAGS,
-        "pipeline_tag": "image-feature-extraction",
-    }
+    metadata = {"library_name": "maekit", "tags": TAGS, "pipeline_tag": "image-feature-extraction"}
+    if license:
+        metadata["license"] = license
     if dataset_name:
         metadata["datasets"] = [dataset_name]
     (height, width), (p, q) = config.image_hw, config.patch_hw

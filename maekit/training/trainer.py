@@ -561,13 +561,11 @@ class MAETrainer:
         return mean_loss
 
     def _maybe_log_evaluate_save(self, step: int, total_steps: int) -> None:
-        args, accelerator, spe = self.args, self.accelerator, self.steps_per_epoch
+        args, spe = self.args, self.steps_per_epoch
         last, end_of_epoch = step == total_steps, step % spe == 0
         if step % args.logging_steps == 0 or last:
             window = self._window
-            self.state["num_skipped_images"] += int(
-                accelerator.reduce(window["skipped"].to(accelerator.device), reduction="sum").item()
-            )
+            self._flush_skipped()
             elapsed = time.perf_counter() - window["start"]
             metrics = {
                 "loss": sum(window["losses"]) / len(window["losses"]) if window["losses"] else float("nan"),
@@ -580,6 +578,7 @@ class MAETrainer:
             grad_norm = getattr(self, "_grad_norm", None)
             if grad_norm is not None:
                 metrics["grad_norm"] = float(grad_norm)
+                self._grad_norm = None  # never report a stale norm at a later log
             self._log(metrics, step)
             self._progress.set_postfix(
                 loss=f"{metrics['loss']:.4f}",
@@ -596,7 +595,14 @@ class MAETrainer:
         if last or (args.eval_steps and step % args.eval_steps == 0) or (not args.eval_steps and end_of_epoch):
             self._evaluate_and_visualize(step)
         if last or (args.save_steps and step % args.save_steps == 0) or (not args.save_steps and end_of_epoch):
+            self._flush_skipped()  # the checkpoint's count includes images skipped since the last log
             self._save_checkpoint()
+
+    def _flush_skipped(self) -> None:
+        """Add the images skipped (on every process) since the last flush to `state["num_skipped_images"]`."""
+        skipped = self._window["skipped"].to(self.accelerator.device)
+        self.state["num_skipped_images"] += int(self.accelerator.reduce(skipped, reduction="sum").item())
+        self._window["skipped"] = torch.zeros((), dtype=torch.long)
 
     def _on_nonfinite_loss(self, value: float, step: int) -> None:
         self.state["num_nonfinite_steps"] += 1
