@@ -421,7 +421,34 @@ class _SharedEpoch:
         self.value[0] = epoch
 
 
-class MAEImageDataset(torch.utils.data.Dataset):
+class _ImageSource:
+    """What the map-style and streaming datasets share: column discovery, undecoded images, the sample loader and
+    an epoch counter that reaches persistent DataLoader workers."""
+
+    def __init__(self, dataset, transform, image_column, label_column, seed, skip_bad_images, max_image_pixels):
+        features = getattr(dataset, "features", None)
+        if features is not None:
+            image_column = _find_column(features, _IMAGE_COLUMN_NAMES, image_column, "image")
+            label_column = _find_column(features, _LABEL_COLUMN_NAMES, label_column, "label")
+            dataset = _undecoded(dataset, image_column)
+        self.dataset = dataset
+        self.transform = transform
+        self.seed = seed
+        self.skip_bad_images = skip_bad_images
+        self.load_record = _SampleLoader(transform, image_column, label_column, max_image_pixels)
+        self._epoch = _SharedEpoch()
+        _seed_from(seed)
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch.get()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose augmentations the samples draw (visible to persistent workers)."""
+        self._epoch.set(epoch)
+
+
+class MAEImageDataset(_ImageSource, torch.utils.data.Dataset):
     """Map-style dataset of transformed images with deterministic augmentation and bad-image replacement.
 
     Args:
@@ -450,27 +477,10 @@ class MAEImageDataset(torch.utils.data.Dataset):
         max_image_pixels: int | None = None,
         max_retries: int = 50,
     ):
-        features = getattr(dataset, "features", None)
-        if features is not None:
-            image_column = _find_column(features, _IMAGE_COLUMN_NAMES, image_column, "image")
-            label_column = _find_column(features, _LABEL_COLUMN_NAMES, label_column, "label")
-            dataset = _undecoded(dataset, image_column)
-        self.dataset = dataset
-        self.transform = transform
-        self.seed = seed
-        self.skip_bad_images = skip_bad_images
+        _ImageSource.__init__(
+            self, dataset, transform, image_column, label_column, seed, skip_bad_images, max_image_pixels
+        )
         self.max_retries = max_retries
-        self.load_record = _SampleLoader(transform, image_column, label_column, max_image_pixels)
-        self._epoch = _SharedEpoch()
-        _seed_from(seed)
-
-    @property
-    def epoch(self) -> int:
-        return self._epoch.get()
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose augmentations `__getitem__` draws (visible to persistent workers)."""
-        self._epoch.set(epoch)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -498,7 +508,7 @@ class MAEImageDataset(torch.utils.data.Dataset):
         return sample
 
 
-class MAEIterableImageDataset(torch.utils.data.IterableDataset):
+class MAEIterableImageDataset(_ImageSource, torch.utils.data.IterableDataset):
     """Streaming counterpart of `MAEImageDataset` over a `datasets.IterableDataset` (or any iterable of records).
 
     Bad images are dropped and counted in the `num_skipped` of the next sample that is yielded. Augmentations use
@@ -520,26 +530,13 @@ class MAEIterableImageDataset(torch.utils.data.IterableDataset):
         skip_bad_images: bool = True,
         max_image_pixels: int | None = None,
     ):
-        features = getattr(dataset, "features", None)
-        if features is not None:
-            image_column = _find_column(features, _IMAGE_COLUMN_NAMES, image_column, "image")
-            label_column = _find_column(features, _LABEL_COLUMN_NAMES, label_column, "label")
-            dataset = _undecoded(dataset, image_column)
-        self.dataset = dataset
-        self.transform = transform
-        self.seed = seed
-        self.skip_bad_images = skip_bad_images
-        self.load_record = _SampleLoader(transform, image_column, label_column, max_image_pixels)
-        self._epoch = _SharedEpoch()
-        _seed_from(seed)
-
-    @property
-    def epoch(self) -> int:
-        return self._epoch.get()
+        _ImageSource.__init__(
+            self, dataset, transform, image_column, label_column, seed, skip_bad_images, max_image_pixels
+        )
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch (augmentations, and the shuffle order of a shuffled `datasets.IterableDataset`)."""
-        self._epoch.set(epoch)
+        super().set_epoch(epoch)
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
 
