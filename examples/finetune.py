@@ -199,6 +199,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Cla
     if trainer.accelerator.is_main_process:
         best = trainer.state["best_metric"]
         print(f"Done: {result.metrics}; best eval top-1 {best} at step {trainer.state['best_step']}.")
+    trainer.accelerator.end_training()  # trackers closed, process group torn down: every process exits cleanly
     return result.metrics
 
 

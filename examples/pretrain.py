@@ -209,6 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     result = trainer.train()
     if trainer.accelerator.is_main_process:
         print(f"Done: {result.metrics}. Model, card and reconstruction.png in {training_args.output_dir}")
+    trainer.accelerator.end_training()  # trackers closed, process group torn down: every process exits cleanly
 
 
 if __name__ == "__main__":

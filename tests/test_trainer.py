@@ -397,7 +397,9 @@ torch.manual_seed(0)
 model = MAEForPreTraining(MAEConfig(**TINY)).double()
 args = make_args(Path(sys.argv[1]), max_steps=3, per_device_train_batch_size=int(sys.argv[2]))
 images, eval_images = TensorImages(dtype=torch.float64), TensorImages(5, seed=1, dtype=torch.float64)
-MAETrainer(model, args, images, eval_dataset=eval_images).train()
+trainer = MAETrainer(model, args, images, eval_dataset=eval_images)
+trainer.train()
+trainer.accelerator.end_training()  # tears the process group down before exit
 """
 
 

@@ -223,7 +223,9 @@ folder, output_dir, resume = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] =
 torch.manual_seed(0)
 args = make_args(output_dir, max_steps=8, save_steps=3, num_reconstruction_images=0,
                  resume_from_checkpoint="latest" if resume else None)
-MAETrainer(MAEForPreTraining(MAEConfig(**TINY, drop_path_rate=0.1)), args, stream(folder)).train()
+trainer = MAETrainer(MAEForPreTraining(MAEConfig(**TINY, drop_path_rate=0.1)), args, stream(folder))
+trainer.train()
+trainer.accelerator.end_training()  # tears the process group down before exit
 """
 
 

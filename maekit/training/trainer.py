@@ -890,6 +890,7 @@ class MAETrainer:
             self.create_model_card()
             if self.args.push_to_hub:
                 self.push_to_hub(commit_message)
+        accelerator.wait_for_everyone()  # no process leaves (or exits) while the main one is still writing
         accelerator.wait_for_everyone()
 
     def create_model_card(self) -> Path:
