@@ -24,7 +24,16 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
-from .data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, MAEEvalTransform, collate_fn, random_resized_crop_box
+from .data import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    MAEEvalTransform,
+    _as_hw,
+    _check_crop_scale,
+    _check_range,
+    collate_fn,
+    random_resized_crop_box,
+)
 from .image_processing_mae import convert_image_mode
 
 __all__ = [
@@ -598,14 +607,8 @@ class FineTuneTrainTransform:
         num_channels: int = 3,
         interpolation: int = Image.Resampling.BICUBIC,
     ):
-        if isinstance(size, int):
-            size = (size, size)
-        if len(size) != 2 or any(not isinstance(s, int) or s < 1 for s in size):
-            raise ValueError(f"size must be a positive int or a (height, width) pair of them, got {size!r}.")
-        if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
-            raise ValueError(f"scale must be a (min, max) pair with 0 < min <= max <= 1, got {scale!r}.")
-        if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1]:
-            raise ValueError(f"ratio must be a (min, max) pair with 0 < min <= max, got {ratio!r}.")
+        self.size = _as_hw(size)
+        self.scale, self.ratio = _check_crop_scale(scale), _check_range(ratio, "ratio")
         if not 0.0 <= hflip_prob <= 1.0:
             raise ValueError(f"hflip_prob must be in [0, 1], got {hflip_prob}.")
         if num_channels not in (1, 3) or len(mean) != num_channels or len(std) != num_channels:
@@ -613,8 +616,6 @@ class FineTuneTrainTransform:
                 f"num_channels must be 1 or 3 with as many mean and std values, got {num_channels}, mean={mean!r}, "
                 f"std={std!r}."
             )
-        self.size = tuple(size)
-        self.scale, self.ratio = tuple(scale), tuple(ratio)
         self.hflip_prob = hflip_prob
         self.num_channels = num_channels
         self.interpolation = interpolation

@@ -205,27 +205,29 @@ def to_transformers(model) -> ViTMAEForPreTraining | ViTMAEModel:
 # Loading transformers `vit_mae` folders / repos through maekit classes
 
 
-def is_transformers_vit_mae(pretrained_model_name_or_path, **kwargs) -> bool:
-    """Whether a folder or Hub repo holds a transformers `vit_mae` config (rather than a maekit one)."""
+def transformers_vit_mae_config(pretrained_model_name_or_path, **kwargs) -> dict | None:
+    """The config dict of a folder or Hub repo holding a transformers `vit_mae` model, or None for anything else."""
     hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
     try:
         config_dict, _ = PretrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub)
     except OSError:
-        return False  # let transformers raise its own, complete error
-    return config_dict.get("model_type") == "vit_mae"
+        return None  # let transformers raise its own, complete error
+    return config_dict if config_dict.get("model_type") == "vit_mae" else None
 
 
-def load_transformers_vit_mae(cls, pretrained_model_name_or_path, **kwargs):
+def load_transformers_vit_mae(cls, pretrained_model_name_or_path, config_dict: dict | None = None, **kwargs):
     """Load a transformers `vit_mae` checkpoint (5.x or legacy key names, local or Hub) as the maekit class `cls`.
 
     transformers does the file resolution and the legacy-name renames; maekit then fuses q/k/v and renames.
+    `config_dict` is the checkpoint's config when the caller has already read it.
     """
     dtype = kwargs.pop("dtype", None)
     kwargs.pop("torch_dtype", None)
     hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
     # Read a pretraining checkpoint through the pretraining class even for an encoder (no wall of "unexpected
     # decoder keys"); an encoder-only one through ViTMAEModel.
-    config_dict, _ = PretrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub)
+    if config_dict is None:
+        config_dict, _ = PretrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub)
     has_decoder = "ViTMAEForPreTraining" in (config_dict.get("architectures") or [])
     source_cls = ViTMAEForPreTraining if issubclass(cls, MAEForPreTraining) or has_decoder else ViTMAEModel
     source, info = source_cls.from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **hub)

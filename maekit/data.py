@@ -100,6 +100,14 @@ def _check_range(value: Sequence[float], name: str) -> tuple[float, float]:
     return float(value[0]), float(value[1])
 
 
+def _check_crop_scale(scale: Sequence[float]) -> tuple[float, float]:
+    """The (min, max) area fraction of a random-resized crop: 0 < min <= max <= 1."""
+    checked = _check_range(scale, "scale")
+    if checked[1] > 1.0:
+        raise ValueError(f"scale must lie within (0, 1], got {scale!r}.")
+    return checked
+
+
 def random_resized_crop_box(
     width: int,
     height: int,
@@ -172,9 +180,7 @@ class MAETrainTransform:
         draft: bool = True,
     ):
         self.size = _as_hw(size)
-        self.scale = _check_range(scale, "scale")
-        if self.scale[1] > 1.0:
-            raise ValueError(f"scale must lie within (0, 1], got {scale!r}.")
+        self.scale = _check_crop_scale(scale)
         self.ratio = _check_range(ratio, "ratio")
         if not 0.0 <= hflip_prob <= 1.0:
             raise ValueError(f"hflip_prob must be in [0, 1], got {hflip_prob}.")

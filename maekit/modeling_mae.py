@@ -289,10 +289,11 @@ class MAEPreTrainedModel(PreTrainedModel):
         Accepts every argument of `transformers.PreTrainedModel.from_pretrained`.
         """
         if kwargs.get("config") is None and pretrained_model_name_or_path is not None:
-            from .convert import is_transformers_vit_mae, load_transformers_vit_mae
+            from .convert import load_transformers_vit_mae, transformers_vit_mae_config
 
-            if is_transformers_vit_mae(pretrained_model_name_or_path, **kwargs):
-                return load_transformers_vit_mae(cls, pretrained_model_name_or_path, **kwargs)
+            config_dict = transformers_vit_mae_config(pretrained_model_name_or_path, **kwargs)
+            if config_dict is not None:
+                return load_transformers_vit_mae(cls, pretrained_model_name_or_path, config_dict, **kwargs)
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
 

@@ -34,7 +34,7 @@ from ..evaluation import LinearProbeHead
 from .arguments import MAETrainingArguments
 from .lars import LARS
 from .layer_decay import param_groups_layer_decay
-from .optim import fused_adamw_supported
+from .optim import adamw
 from .trainer import MAETrainer
 
 __all__ = ["ClassificationTrainer", "ClassificationTrainingArguments", "fold_linear_probe_head"]
@@ -220,12 +220,8 @@ class ClassificationTrainer(MAETrainer):
         if args.linear_probe:
             return LARS(self.model.head.parameters(), lr=self.learning_rate, weight_decay=args.weight_decay)
         groups = param_groups_layer_decay(self.model, weight_decay=args.weight_decay, layer_decay=args.layer_decay)
-        return torch.optim.AdamW(
-            groups,
-            lr=self.learning_rate,
-            betas=(args.adam_beta1, args.adam_beta2),
-            eps=args.adam_epsilon,
-            fused=fused_adamw_supported(groups),
+        return adamw(
+            groups, learning_rate=self.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon
         )
 
     def compute_loss(self, model: nn.Module, batch: dict, noise: torch.Tensor) -> torch.Tensor:

@@ -67,10 +67,11 @@ def find_latest_checkpoint(output_dir: str | os.PathLike) -> str | None:
     from its temporary name; half-written checkpoints are therefore never returned.
     """
     folders = _complete_checkpoints(Path(output_dir))
-    return str(folders[-1]) if folders else None
+    return str(folders[-1][1]) if folders else None
 
 
-def _complete_checkpoints(output_dir: Path) -> list[Path]:
+def _complete_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """`(step, folder)` of the complete `checkpoint-{step}` folders, by increasing step."""
     if not output_dir.is_dir():
         return []
     found = []
@@ -78,7 +79,7 @@ def _complete_checkpoints(output_dir: Path) -> list[Path]:
         match = _CHECKPOINT_RE.match(path.name)
         if match and path.is_dir() and (path / TRAINER_STATE_NAME).is_file():
             found.append((int(match.group(1)), path))
-    return [path for _, path in sorted(found)]
+    return sorted(found)
 
 
 def _check_streaming(dataset: MAEIterableImageDataset, args: MAETrainingArguments) -> None:
@@ -381,9 +382,9 @@ class MAETrainer:
         """
         args, accelerator = self.args, self.accelerator
         spe, total_steps = self.steps_per_epoch, self.args.total_steps(self.steps_per_epoch)
-        if total_steps > 1 and args.resolved_warmup_steps(spe) >= total_steps:
+        if total_steps > 1 and (warmup := args.resolved_warmup_steps(spe)) >= total_steps:
             logger.warning(
-                f"The warmup ({args.resolved_warmup_steps(spe)} steps from warmup_steps={args.warmup_steps}, "
+                f"The warmup ({warmup} steps from warmup_steps={args.warmup_steps}, "
                 f"warmup_epochs={args.warmup_epochs}) covers the whole run of {total_steps} steps: the learning rate "
                 "only rises. Set warmup_steps (or warmup_epochs) below the run length."
             )
@@ -809,7 +810,7 @@ class MAETrainer:
         """Refuse to run where checkpoints of another run (or of a later point of this one) would be pruned,
         overwritten or picked as "latest" — unless `overwrite_output_dir`, which deletes them."""
         step = self.state["global_step"]
-        later = [p for p in _complete_checkpoints(self.output_dir) if int(p.name.split("-")[-1]) > step]
+        later = [path for saved, path in _complete_checkpoints(self.output_dir) if saved > step]
         if not later:
             return
         names = ", ".join(p.name for p in later)
@@ -830,7 +831,7 @@ class MAETrainer:
         limit = self.args.save_total_limit
         if not limit:
             return
-        for path in _complete_checkpoints(self.output_dir)[:-limit]:
+        for _, path in _complete_checkpoints(self.output_dir)[:-limit]:
             shutil.rmtree(path)
 
     def _load_checkpoint(self, checkpoint: str) -> None:
