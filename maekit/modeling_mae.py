@@ -550,8 +550,13 @@ class MAEForPreTraining(MAEPreTrainedModel):
         size = self.config.image_hw if image_size is None else image_size
         return unpatchify(patches, self.config.patch_hw, size, self.config.num_channels)
 
-    def forward_loss(self, pixel_values: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Per-patch MSE against the (optionally per-patch normalized) pixels, averaged over removed patches."""
+    def forward_loss(
+        self, pixel_values: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, reduction: str = "mean"
+    ) -> torch.Tensor:
+        """Per-patch MSE against the (optionally per-patch normalized) pixels, averaged over removed patches: over the
+        whole batch (`reduction="mean"`, a scalar) or per image (`reduction="none"`, shape `(batch,)`)."""
+        if reduction not in ("mean", "none"):
+            raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}.")
         # In float32 whatever the model dtype (as autocast does): a bf16/fp16 sum over a large batch overflows or
         # rounds, and so do the per-patch statistics of norm_pix_loss.
         dtype = torch.promote_types(pred.dtype, torch.float32)  # float64 stays float64
@@ -561,9 +566,10 @@ class MAEForPreTraining(MAEPreTrainedModel):
             var = target.var(dim=-1, keepdim=True)
             target = (target - mean) / (var + 1.0e-6) ** 0.5
         loss = ((pred - target) ** 2).mean(dim=-1)  # (B, L)
-        removed = mask.sum()
+        dim = None if reduction == "mean" else 1  # None: over the whole batch
+        removed = mask.sum(dim=dim)
         # mask_ratio 0 (nothing removed): plain autoencoding over all patches. torch.where avoids a host sync.
-        return torch.where(removed > 0, (loss * mask).sum() / removed.clamp(min=1), loss.mean())
+        return torch.where(removed > 0, (loss * mask).sum(dim=dim) / removed.clamp(min=1), loss.mean(dim=dim))
 
     def forward(
         self,

@@ -283,3 +283,18 @@ def test_classifier_trains_its_position_table_as_official_fine_tuning(tiny_confi
     torch.testing.assert_close(model.mae.pos_embed.detach(), sincos_pos_embed_2d(32, (4, 4)), rtol=0, atol=0)
     model(torch.randn(2, 3, 32, 32), labels=torch.tensor([0, 2])).loss.backward()
     assert model.mae.pos_embed.grad is not None
+
+
+def test_per_image_loss_equals_the_loss_of_each_image(tiny_config):
+    model = MAEForPreTraining(tiny_config(norm_pix_loss=True)).eval()
+    x, noise = torch.randn(3, 3, 32, 32), torch.rand(3, 16)
+    out = model(x, noise=noise)
+    per_image = model.forward_loss(x, out.logits, out.mask, reduction="none")
+    assert per_image.shape == (3,)
+    for i in range(3):
+        torch.testing.assert_close(
+            per_image[i], model.forward_loss(x[i : i + 1], out.logits[i : i + 1], out.mask[i : i + 1])
+        )
+    torch.testing.assert_close(per_image.mean(), out.loss)  # same number of removed patches per image
+    with pytest.raises(ValueError, match="reduction"):
+        model.forward_loss(x, out.logits, out.mask, reduction="sum")

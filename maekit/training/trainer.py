@@ -655,10 +655,7 @@ class MAETrainer:
                 with accelerator.autocast():
                     out = model(pixel_values=pixel_values, noise=noise.to(accelerator.device))
                 # Per-image losses from the model's own loss function, so padding can be weighted out.
-                per_image = torch.stack(
-                    [unwrapped.forward_loss(pixel_values[i : i + 1], out.logits[i : i + 1], out.mask[i : i + 1])
-                     for i in range(size)]
-                )  # fmt: skip
+                per_image = unwrapped.forward_loss(pixel_values, out.logits, out.mask, reduction="none")
                 total += (per_image.double() * weights[seen : seen + size]).sum()
                 seen += size
         total = accelerator.reduce(total, reduction="sum")
