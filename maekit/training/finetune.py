@@ -315,27 +315,11 @@ class ClassificationTrainer(MAETrainer):
     # ------------------------------------------------------------------------------------------------------------------
     # Saving
 
-    def _save_model(self, folder: Path) -> None:
-        """`save_pretrained` the (gathered) model into `folder`, a probe head folded into a plain linear layer."""
-        accelerator = self.accelerator
-        accelerator.wait_for_everyone()
-        model = self._model_for_inference()
-        state_dict = accelerator.get_state_dict(model)
-        if accelerator.is_main_process:
-            unwrapped = accelerator.unwrap_model(model)
-            with _exportable_head(unwrapped, state_dict) as state_dict:
-                unwrapped.save_pretrained(folder, state_dict=state_dict)
-            if self.image_processor is not None:
-                self.image_processor.save_pretrained(folder)
-        accelerator.wait_for_everyone()
-
-    def _save_final_model(self, commit_message: str = "End of training") -> None:
-        self._save_model(self.output_dir)
-        if self.accelerator.is_main_process:
-            self.create_model_card()
-            if self.args.push_to_hub:
-                self.push_to_hub(commit_message)
-        self.accelerator.wait_for_everyone()
+    @contextmanager
+    def _exported_state_dict(self, model: nn.Module, state_dict: dict[str, torch.Tensor]) -> Iterator[dict]:
+        """A probe head is saved folded into a plain linear layer, so the folder reloads as a classifier."""
+        with _exportable_head(model, state_dict) as exported:
+            yield exported
 
     def create_model_card(self) -> Path:
         """Write `output_dir/README.md`: what was trained, the final and best evaluation metrics, the recipe."""

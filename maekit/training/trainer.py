@@ -25,6 +25,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -875,21 +876,33 @@ class MAETrainer:
     # ------------------------------------------------------------------------------------------------------------------
     # Final model, card, Hub
 
-    def _save_final_model(self, commit_message: str = "End of training") -> None:
+    def _save_model(self, folder: Path) -> None:
+        """`save_pretrained` the (gathered) model and the image processor into `folder`."""
         accelerator = self.accelerator
         accelerator.wait_for_everyone()
         model = self._model_for_inference()
         # torch.compile (torch_compile=True) prefixes parameter names with `_orig_mod.`; the saved model must not.
         state_dict = {k.replace("_orig_mod.", ""): v for k, v in accelerator.get_state_dict(model).items()}
         if accelerator.is_main_process:
-            accelerator.unwrap_model(model).save_pretrained(self.output_dir, state_dict=state_dict)
+            unwrapped = accelerator.unwrap_model(model)
+            with self._exported_state_dict(unwrapped, state_dict) as exported:
+                unwrapped.save_pretrained(folder, state_dict=exported)
             if self.image_processor is not None:
-                self.image_processor.save_pretrained(self.output_dir)
+                self.image_processor.save_pretrained(folder)
+        accelerator.wait_for_everyone()
+
+    @contextmanager
+    def _exported_state_dict(self, model: torch.nn.Module, state_dict: dict) -> Iterator[dict]:
+        """The state dict `save_pretrained` writes; subclasses may present the model differently while saving."""
+        yield state_dict
+
+    def _save_final_model(self, commit_message: str = "End of training") -> None:
+        self._save_model(self.output_dir)
+        if self.accelerator.is_main_process:
             self.create_model_card()
             if self.args.push_to_hub:
                 self.push_to_hub(commit_message)
-        accelerator.wait_for_everyone()  # no process leaves (or exits) while the main one is still writing
-        accelerator.wait_for_everyone()
+        self.accelerator.wait_for_everyone()  # no process leaves (or exits) while the main one is still writing
 
     def create_model_card(self) -> Path:
         """Write `output_dir/README.md`: metadata, hyper-parameters, final losses and the reconstruction grid."""
