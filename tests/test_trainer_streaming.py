@@ -4,6 +4,7 @@ import importlib.util
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -229,6 +230,25 @@ trainer.accelerator.end_training()  # tears the process group down before exit
 """
 
 
+_GLOO_TEARDOWN_ABORT = "terminate called without an active exception"
+
+
+def _launch_once_more_on_teardown_abort(command, output_dir: Path, env, prepare=lambda: None):
+    """Run a 2-process launch into a fresh `output_dir`.
+
+    On this loaded 2-core machine, gloo's teardown at process exit has aborted a rank (SIGABRT, "terminate called
+    without an active exception") after training had finished, in about one full-suite run in five. Only that case is
+    run once more from scratch; every other failure fails at once, and every assertion below applies to the run kept.
+    """
+    for _ in range(2):
+        shutil.rmtree(output_dir, ignore_errors=True)
+        prepare()
+        result = subprocess.run(command, env=env, capture_output=True, text=True)
+        if result.returncode == 0 or _GLOO_TEARDOWN_ABORT not in result.stderr:
+            return result
+    return result
+
+
 @pytest.mark.slow
 def test_two_process_streaming_splits_the_stream_and_resumes_exactly(image_folder, tmp_path):
     script = tmp_path / "train_script.py"
@@ -237,16 +257,19 @@ def test_two_process_streaming_splits_the_stream_and_resumes_exactly(image_folde
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
               str(script), str(image_folder)]  # fmt: skip
-    full = subprocess.run([*launch, str(tmp_path / "full"), "fresh"], env=env, capture_output=True, text=True)
+    full = _launch_once_more_on_teardown_abort([*launch, str(tmp_path / "full"), "fresh"], tmp_path / "full", env)
     assert full.returncode == 0, full.stderr[-3000:]
     state = json.loads((tmp_path / "full" / "checkpoint-3" / "trainer_state.json").read_text())
     # One shard, two readers: each process reads every other record, 3 batches of 4 images by step 3.
     assert state["num_processes"] == 2
     assert state["stream_positions"] == [{"epoch": 0, "batches": [3], "records": [12]}] * 2
 
-    (tmp_path / "resumed").mkdir()
-    os.replace(tmp_path / "full" / "checkpoint-3", tmp_path / "resumed" / "checkpoint-3")
-    resumed = subprocess.run([*launch, str(tmp_path / "resumed"), "resume"], env=env, capture_output=True, text=True)
+    def prepare_resume():
+        shutil.copytree(tmp_path / "full" / "checkpoint-3", tmp_path / "resumed" / "checkpoint-3")
+
+    resumed = _launch_once_more_on_teardown_abort(
+        [*launch, str(tmp_path / "resumed"), "resume"], tmp_path / "resumed", env, prepare_resume
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert max_diff(weights(tmp_path / "full"), weights(tmp_path / "resumed")) <= 1e-6
     full_state = json.loads((tmp_path / "full" / "checkpoint-8" / "trainer_state.json").read_text())
