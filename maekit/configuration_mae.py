@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 from transformers import PretrainedConfig
@@ -62,6 +63,26 @@ def _pair(value) -> tuple[int, int]:
     if isinstance(value, (list, tuple)):
         return tuple(value)
     return (value, value)
+
+
+def largest_mask_ratio(num_patches: int) -> float:
+    """The largest `mask_ratio` that leaves the encoder at least one visible patch: `int(L * (1 - r)) >= 1`."""
+    ratio = 1.0 - 1.0 / num_patches
+    while ratio > 0 and int(num_patches * (1 - ratio)) < 1:  # 1 - 1/L can round to a ratio that keeps none
+        ratio = math.nextafter(ratio, 0.0)
+    return ratio
+
+
+def _check_mask_ratio(mask_ratio, num_patches: int) -> None:
+    """`ValueError` unless `mask_ratio` is a number in [0, 1) that keeps at least one of `num_patches` patches."""
+    if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, (int, float)) or not 0 <= mask_ratio < 1:
+        raise ValueError(f"mask_ratio must be a number in [0, 1), got {mask_ratio!r}.")
+    kept = int(num_patches * (1 - mask_ratio))  # as the masking computes it
+    if kept < 1:
+        raise ValueError(
+            f"mask_ratio={mask_ratio!r} keeps {kept} of {num_patches} patches, but the encoder needs at least one "
+            f"visible patch: use mask_ratio <= {largest_mask_ratio(num_patches)!r} for {num_patches} patches."
+        )
 
 
 @dataclass(repr=False)
@@ -203,10 +224,7 @@ class MAEConfig(PretrainedConfig):
                     f"image_size {axis} ({size}) must be divisible by patch_size {axis} ({patch}); "
                     f"got image_size={self.image_size!r}, patch_size={self.patch_size!r}."
                 )
-        if not isinstance(self.mask_ratio, (int, float)) or isinstance(self.mask_ratio, bool):
-            raise ValueError(f"mask_ratio must be a number in [0, 1), got {self.mask_ratio!r}.")
-        if not 0 <= self.mask_ratio < 1:
-            raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio!r}.")
+        _check_mask_ratio(self.mask_ratio, self.num_patches)
         if self.hidden_act not in ACT2FN:
             raise ValueError(f"hidden_act {self.hidden_act!r} is unknown; accepted: {', '.join(sorted(ACT2FN))}.")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"):

@@ -18,7 +18,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
-from .configuration_mae import MAEConfig, _pair
+from .configuration_mae import MAEConfig, _check_mask_ratio, _pair
 
 __all__ = [
     "MAEModel",
@@ -391,7 +391,17 @@ class MAEModel(MAEPreTrainedModel):
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4:
             shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
             raise ValueError(f"pixel_values must be a (batch, channels, height, width) tensor, got {shape}.")
-        _, c, h, w = pixel_values.shape
+        if not pixel_values.is_floating_point():
+            raise TypeError(
+                f"pixel_values has dtype {pixel_values.dtype}; MAE models take floating-point images normalized with "
+                "the model's mean and std (any float dtype, cast to the model's). Prepare images with "
+                "MAEImageProcessor (or maekit.data's transforms), or by hand: (x.float() / 255 - mean) / std."
+            )
+        b, c, h, w = pixel_values.shape
+        if b == 0:
+            raise ValueError(
+                f"pixel_values is an empty batch (shape {tuple(pixel_values.shape)}); pass at least one image."
+            )
         if c != self.config.num_channels:
             raise ValueError(f"pixel_values has {c} channels but config.num_channels is {self.config.num_channels}.")
         p, q = self.config.patch_hw
@@ -432,6 +442,7 @@ class MAEModel(MAEPreTrainedModel):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
 
         grid = self._check_pixel_values(pixel_values, interpolate_pos_encoding)
+        pixel_values = pixel_values.to(self.patch_embed.proj.weight.dtype)  # float64/16 pixels: as transformers' ViT
         pos_embed = self.pos_embed
         if interpolate_pos_encoding:
             pos_embed = _resize_pos_embed(pos_embed, self.config.grid_size, grid)
@@ -442,8 +453,7 @@ class MAEModel(MAEPreTrainedModel):
         patch_pos = pos_embed[:, 1:]
         if mask_ratio is not None or noise is not None:
             mask_ratio = self.config.mask_ratio if mask_ratio is None else mask_ratio
-            if not 0 <= mask_ratio < 1:
-                raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio!r}.")
+            _check_mask_ratio(mask_ratio, length)
             if noise is not None and tuple(noise.shape) != (batch, length):
                 raise ValueError(
                     f"noise must have shape (batch, num_patches) = {(batch, length)}, got {tuple(noise.shape)}."
