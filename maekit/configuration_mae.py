@@ -8,8 +8,34 @@ from dataclasses import dataclass
 
 from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 __all__ = ["MAEConfig", "PRESETS"]
+
+# Fields with the same name and meaning in transformers' `ViTMAEConfig`: a `vit_mae` config converts through them.
+VIT_MAE_FIELDS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "hidden_act",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "initializer_range",
+    "layer_norm_eps",
+    "image_size",
+    "patch_size",
+    "num_channels",
+    "qkv_bias",
+    "decoder_num_attention_heads",
+    "decoder_hidden_size",
+    "decoder_num_hidden_layers",
+    "decoder_intermediate_size",
+    "mask_ratio",
+    "norm_pix_loss",
+)
 
 _OFFICIAL_DECODER = {
     "decoder_hidden_size": 512,
@@ -151,8 +177,44 @@ class MAEConfig(PretrainedConfig):
     pooling: str = "mean"
 
     def __post_init__(self, **kwargs):
+        # An `auto_map` points Auto classes at code in a repository. A maekit config loads maekit's own classes, so
+        # one found in a config.json is dropped: it never runs, and save_pretrained never writes it on.
+        auto_map = kwargs.pop("auto_map", None)
+        if auto_map:
+            logger.warning(f"Ignoring the config's auto_map {auto_map}: a maekit config loads maekit's own classes.")
         super().__post_init__(**kwargs)
         self.validate()
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs) -> tuple[dict, dict]:
+        """Read the config.json of a folder or Hub repo, as transformers does, and check it is an MAE config.
+
+        A maekit (`model_type` `"maekit_mae"`) config is returned as is, a transformers `vit_mae` one is converted
+        field by field; anything else, and a folder without config.json, is an error naming the folder: transformers
+        would build the default (ViT-B) config, and `from_pretrained` a model that is not the one saved.
+
+        Raises:
+            OSError: no config.json there.
+            ValueError: a config.json of another model type (or none).
+        """
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        source = str(pretrained_model_name_or_path)
+        if not config_dict:
+            raise OSError(
+                f"{source} has no config.json, so the architecture of its weights is unknown (maekit never guesses "
+                "it). Load it with config=MAEConfig.from_pretrained(<folder of the run that wrote it>) (or "
+                "config=MAEConfig(...) with the sizes it was trained with), or copy that config.json into it."
+            )
+        model_type = config_dict.get("model_type")
+        if model_type == "vit_mae":
+            return {name: config_dict[name] for name in VIT_MAE_FIELDS if name in config_dict}, kwargs
+        if model_type != cls.model_type:
+            found = "has no model_type" if model_type is None else f"is a {model_type!r} config"
+            raise ValueError(
+                f"The config.json of {source} {found}; maekit's MAE classes load {cls.model_type!r} (maekit) and "
+                "'vit_mae' (transformers ViTMAE, converted on load) configs only."
+            )
+        return config_dict, kwargs
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> MAEConfig:

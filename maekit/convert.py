@@ -24,7 +24,7 @@ from transformers import PretrainedConfig, ViTMAEConfig, ViTMAEForPreTraining, V
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from transformers.utils import logging
 
-from .configuration_mae import MAEConfig
+from .configuration_mae import VIT_MAE_FIELDS, MAEConfig
 from .modeling_mae import MAEForImageClassification, MAEForPreTraining, MAEModel, sincos_pos_embed_2d
 
 logger = logging.get_logger(__name__)
@@ -45,28 +45,7 @@ __all__ = [
     "to_transformers",
 ]
 
-# Fields with the same name and meaning in both configs.
-_SHARED_FIELDS = (
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "intermediate_size",
-    "hidden_act",
-    "hidden_dropout_prob",
-    "attention_probs_dropout_prob",
-    "initializer_range",
-    "layer_norm_eps",
-    "image_size",
-    "patch_size",
-    "num_channels",
-    "qkv_bias",
-    "decoder_num_attention_heads",
-    "decoder_hidden_size",
-    "decoder_num_hidden_layers",
-    "decoder_intermediate_size",
-    "mask_ratio",
-    "norm_pix_loss",
-)
+_SHARED_FIELDS = VIT_MAE_FIELDS
 
 # maekit block -> transformers layer, for modules that map one to one.
 _BLOCK_RENAMES = {
