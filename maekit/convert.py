@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import HfApi, hf_hub_download
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import PretrainedConfig, ViTMAEConfig, ViTMAEForPreTraining, ViTMAEModel
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -37,6 +38,7 @@ __all__ = [
     "load_official_state_dict",
     "main",
     "save_timm",
+    "set_layer_norm_eps",
     "state_dict_from_transformers",
     "state_dict_to_transformers",
     "timm_model_args",
@@ -314,7 +316,9 @@ def load_official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
     Pickles are read with `torch.load(weights_only=True)` only, so a file can never run code. The one non-tensor
     type allowed is `argparse.Namespace`, which the official training checkpoints store as `args`. The
-    `{"model": state_dict}` wrapper of the official files is removed.
+    `{"model": state_dict}` wrapper of the official files is removed. Every tensor must be backed by as many values
+    as its shape declares: a pickle can declare broadcast (stride-0) views that cost a few bytes on disk and expand to
+    any size once copied into a model, so those are refused before anything is built from them.
 
     Args:
         path (`str` or `Path`): the file, or an http(s) URL such as the official release's (downloaded once into
@@ -325,36 +329,101 @@ def load_official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: the pickle needs more than tensors and plain containers, or holds no state dict.
+        ValueError: a corrupt or truncated file, a pickle that needs more than tensors and plain containers, no state
+            dict, or tensors that declare more values than the file stores.
     """
     path = _download(path) if _is_url(path) else Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"No checkpoint file at {str(path)!r}.")
+        raise FileNotFoundError(f"{path}: no such file.")
     if path.suffix == ".safetensors":
-        return load_file(path)
+        try:
+            state_dict = load_file(path)
+        except SafetensorError as err:
+            raise ValueError(f"{path}: not a readable safetensors file (corrupt or truncated?): {err}") from err
+    else:
+        state_dict = _load_pickled_state_dict(path)
+    _check_declared_sizes(state_dict, path)
+    return state_dict
+
+
+def _load_pickled_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        reason = str(err).strip().splitlines()
+        reason = " ".join(line.strip() for line in str(err).strip().splitlines() if line.strip())
+        if "global" not in reason.lower():  # not a refused class or function: the bytes themselves are wrong
+            raise ValueError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated?).") from err
         raise ValueError(
-            f"{path} is not a plain tensor checkpoint: unpickling it needs objects that could run code, and maekit "
+            f"{path}: not a plain tensor checkpoint: unpickling it needs objects that could run code, and maekit "
             "only loads with torch.load(weights_only=True). If you trust the file, re-save its weights alone, e.g. "
             "torch.save({'model': torch.load(path, weights_only=False)['model']}, 'clean.pth'). "
-            f"torch said: {' '.join(reason[:3])}"
+            f"torch said: {reason[:300]}"
         ) from err
+    except (RuntimeError, EOFError, OSError) as err:  # zip archive errors, empty or cut files
+        reason = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated?): {reason}") from err
     state_dict = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else checkpoint
     if not isinstance(state_dict, dict) or not state_dict:
-        raise ValueError(f"{path} holds no state dict: expected a dict of tensors or {{'model': dict of tensors}}.")
-    not_tensors = sorted(k for k, v in state_dict.items() if not isinstance(v, torch.Tensor))
+        raise ValueError(f"{path}: holds no state dict: expected a dict of tensors or {{'model': dict of tensors}}.")
+    not_tensors = sorted(str(k) for k, v in state_dict.items() if not isinstance(v, torch.Tensor))
     if not_tensors:
-        raise ValueError(f"{path} is not a state dict: these entries are not tensors: {not_tensors[:10]}.")
+        raise ValueError(f"{path}: not a state dict: these entries are not tensors: {not_tensors[:10]}.")
     return state_dict
 
 
+def _check_declared_sizes(state_dict: dict[str, torch.Tensor], path: Path) -> None:
+    """Every tensor's values must be stored in the file, once: compare declared sizes with the storages' sizes.
+
+    A pickled tensor is a (storage, offset, shape, strides) view, and `torch.load` builds views without copying, so
+    a 1-value storage can declare a (8192, 8192) weight. Copied into a model (whose size is inferred from those very
+    shapes) it would allocate the declared size; here only metadata is read.
+    """
+    stored, declared = {}, 0
+    for name, tensor in state_dict.items():
+        storage = tensor.untyped_storage()
+        nbytes = tensor.numel() * tensor.element_size()
+        if nbytes > storage.nbytes():
+            raise ValueError(
+                f"{path}: tensor {name!r} declares shape {tuple(tensor.shape)} ({tensor.numel():,} values) but the "
+                f"file stores {storage.nbytes() // tensor.element_size():,} for it (a broadcast view): refused, as "
+                "copying it into a model would allocate the declared size. A checkpoint saved from a model's "
+                "state_dict never holds such tensors."
+            )
+        stored[(storage.device.type, storage.data_ptr())] = storage.nbytes()
+        declared += nbytes
+    if declared > sum(stored.values()):
+        raise ValueError(
+            f"{path}: its tensors declare {declared:,} bytes but the file stores {sum(stored.values()):,} bytes for "
+            "them (tensors that share storage): refused, as the model built from it would allocate the declared "
+            "size. Re-save it with a copy of each tensor: {k: v.clone() for k, v in state_dict.items()}."
+        )
+
+
 def _count_blocks(state_dict: dict, prefix: str) -> int:
-    indices = {int(k[len(prefix) :].split(".")[0]) for k in state_dict if k.startswith(prefix)}
-    return max(indices) + 1 if indices else 0
+    """The number of `{prefix}N.` blocks, which must be numbered 0..N-1: the depth of the model built from it."""
+    names = {k[len(prefix) :].split(".")[0] for k in state_dict if k.startswith(prefix)}
+    not_numbers = sorted(name for name in names if not name.isdigit())
+    if not_numbers:
+        raise ValueError(f"{prefix}N keys need a block number N, got {prefix}{not_numbers[0]}.")
+    indices = {int(name) for name in names}
+    missing = len(set(range(max(indices, default=-1) + 1)) - indices)
+    if missing:
+        raise ValueError(
+            f"{prefix}N keys go up to {prefix}{max(indices)} but {missing} of the blocks before it are missing (a "
+            f"model of depth {max(indices) + 1} would be built from {len(indices)} blocks)."
+        )
+    return len(indices)
+
+
+def _shape(state_dict: dict[str, torch.Tensor], key: str, ndim: int) -> torch.Size:
+    """The shape of `state_dict[key]`, which must exist and have `ndim` dimensions."""
+    if key not in state_dict:
+        raise ValueError(f"no {key!r} tensor, which this architecture needs.")
+    shape = state_dict[key].shape
+    if len(shape) != ndim:
+        raise ValueError(f"{key} has shape {tuple(shape)}; expected a {ndim}-D tensor.")
+    return shape
 
 
 def _infer_heads(width: int, head_dim: int, field: str) -> int:
@@ -389,11 +458,11 @@ def config_from_official(state_dict: dict[str, torch.Tensor], **overrides) -> MA
         raise ValueError(
             f"Not an official MAE / timm ViT state dict: no {absent}. First keys found: {sorted(state_dict)[:8]}."
         )
-    hidden, channels, p, q = state_dict["patch_embed.proj.weight"].shape
+    hidden, channels, p, q = _shape(state_dict, "patch_embed.proj.weight", 4)
     fields = {
         "hidden_size": hidden,
         "num_hidden_layers": _count_blocks(state_dict, "blocks."),
-        "intermediate_size": state_dict["blocks.0.mlp.fc1.weight"].shape[0],
+        "intermediate_size": _shape(state_dict, "blocks.0.mlp.fc1.weight", 2)[0],
         "num_channels": channels,
         "patch_size": p if p == q else [p, q],
         "qkv_bias": "blocks.0.attn.qkv.bias" in state_dict,
@@ -402,7 +471,7 @@ def config_from_official(state_dict: dict[str, torch.Tensor], **overrides) -> MA
     if "num_attention_heads" not in overrides:
         fields["num_attention_heads"] = _infer_heads(hidden, _ENCODER_HEAD_DIM, "num_attention_heads")
     if "image_size" not in overrides:
-        num_patches = state_dict["pos_embed"].shape[1] - 1
+        num_patches = _shape(state_dict, "pos_embed", 3)[1] - 1
         grid = math.isqrt(num_patches)
         if grid * grid != num_patches:
             raise ValueError(
@@ -410,11 +479,11 @@ def config_from_official(state_dict: dict[str, torch.Tensor], **overrides) -> MA
             )
         fields["image_size"] = grid * p if p == q else [grid * p, grid * q]
     if "decoder_embed.weight" in state_dict:
-        width = state_dict["decoder_embed.weight"].shape[0]
+        width = _shape(state_dict, "decoder_embed.weight", 2)[0]
         fields.update(
             decoder_hidden_size=width,
             decoder_num_hidden_layers=_count_blocks(state_dict, "decoder_blocks."),
-            decoder_intermediate_size=state_dict["decoder_blocks.0.mlp.fc1.weight"].shape[0],
+            decoder_intermediate_size=_shape(state_dict, "decoder_blocks.0.mlp.fc1.weight", 2)[0],
         )
         if "decoder_num_attention_heads" not in overrides:
             fields["decoder_num_attention_heads"] = _infer_heads(
@@ -422,7 +491,7 @@ def config_from_official(state_dict: dict[str, torch.Tensor], **overrides) -> MA
             )
     if "head.weight" in state_dict or "fc_norm.weight" in state_dict:
         fields.update(
-            num_labels=state_dict["head.weight"].shape[0] if "head.weight" in state_dict else 0,
+            num_labels=_shape(state_dict, "head.weight", 2)[0] if "head.weight" in state_dict else 0,
             pooling="mean" if "fc_norm.weight" in state_dict else "cls",
         )
     return MAEConfig(**{**fields, **overrides})
@@ -438,8 +507,9 @@ def _check_pos_embed(name: str, table: torch.Tensor, config: MAEConfig, source: 
         )
 
 
-def _load_official_into(model, state_dict: dict[str, torch.Tensor], source: str):
-    """Load an official-layout state dict into a maekit model; report, by name, everything that does not fit."""
+def _fit_official(model, state_dict: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """An official-layout state dict renamed for a maekit model (which may be on the meta device), with the tensors it
+    does not use dropped (with a warning); `ValueError` naming, by key, everything that does not fit."""
     config = model.config
     fine_tuned = any(k.startswith(_HEAD_PREFIXES) for k in state_dict)
     sd = {_rename(k, _OFFICIAL_DECODER_RENAMES): v for k, v in state_dict.items()}
@@ -468,7 +538,7 @@ def _load_official_into(model, state_dict: dict[str, torch.Tensor], source: str)
     ]
     if unexpected or mismatched:
         raise ValueError(
-            f"{source} does not fit {type(model).__name__} with this config. "
+            f"{source}: does not fit {type(model).__name__} with this config. "
             + (f"Unexpected keys: {unexpected}. " if unexpected else "")
             + (f"Shape mismatches: {mismatched}." if mismatched else "")
         )
@@ -494,14 +564,8 @@ def _load_official_into(model, state_dict: dict[str, torch.Tensor], source: str)
         )
         missing = [k for k in missing if k not in final_norm]
     if missing:
-        raise ValueError(f"{source} does not fit {type(model).__name__}: missing keys {missing}.")
-
-    if not fine_tuned:  # pretraining tables are fixed sin-cos; fine-tuning learns (and keeps) its own
-        for name in ("mae.pos_embed", "pos_embed", "decoder.pos_embed"):
-            if name in sd:
-                _check_pos_embed(name, sd[name], config, source)
-    model.load_state_dict(sd, strict=False)
-    return model.eval()
+        raise ValueError(f"{source}: does not fit {type(model).__name__}: missing keys {missing}.")
+    return sd
 
 
 def load_official_checkpoint(
@@ -550,7 +614,10 @@ def _official_model(
     state_dict: dict[str, torch.Tensor], config: MAEConfig | None, model_class: type | None, source: str
 ):
     if config is None:
-        config = config_from_official(state_dict)
+        try:
+            config = config_from_official(state_dict)
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from err
     elif not isinstance(config, MAEConfig):
         raise TypeError(f"config must be a MAEConfig or None, got {type(config).__name__}.")
     if model_class is None:
@@ -564,9 +631,19 @@ def _official_model(
         raise TypeError(
             f"model_class must be MAEModel, MAEForPreTraining or MAEForImageClassification, got {model_class!r}."
         )
+    # Check every key and shape against the architecture on a weightless (meta) model first: only a file that fits
+    # gets a real model allocated.
+    with torch.device("meta"):
+        skeleton = model_class(config)
+    sd = _fit_official(skeleton, state_dict, source)
     model = model_class(config)
     model.config._name_or_path = source
-    return _load_official_into(model, state_dict, source)
+    if not any(k.startswith(_HEAD_PREFIXES) for k in state_dict):  # pretraining tables are fixed sin-cos;
+        for name in ("mae.pos_embed", "pos_embed", "decoder.pos_embed"):  # fine-tuning learns (and keeps) its own
+            if name in sd:
+                _check_pos_embed(name, sd[name], config, source)
+    model.load_state_dict(sd, strict=False)
+    return model.eval()
 
 
 def to_official_state_dict(model) -> dict[str, torch.Tensor]:
@@ -596,6 +673,67 @@ def to_timm_state_dict(model) -> dict[str, torch.Tensor]:
     return {k: v for k, v in to_official_state_dict(model).items() if not k.startswith(("decoder_", "mask_token"))}
 
 
+def _eps_test_images(config: MAEConfig, num_images: int = 2) -> torch.Tensor:
+    """A fixed batch of photo-like inputs: smooth random colour fields with a few edges, ImageNet-normalized."""
+    generator = torch.Generator().manual_seed(0)
+    c, (h, w) = config.num_channels, config.image_hw
+    coarse = torch.rand(num_images, c, 6, 6, generator=generator)
+    smooth = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False)
+    edges = torch.nn.functional.interpolate(coarse.roll(1, dims=0), size=(h, w), mode="nearest")  # sharp steps
+    pixels = (0.7 * smooth + 0.3 * edges).clamp(0, 1)
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN if c == 3 else [0.5] * c).view(1, c, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD if c == 3 else [0.5] * c).view(1, c, 1, 1)
+    return (pixels - mean) / std
+
+
+@torch.no_grad()
+def _eps_sensitive_outputs(model, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+    if isinstance(model, MAEForPreTraining):
+        noise = torch.rand(pixel_values.shape[0], model.config.num_patches, generator=torch.Generator().manual_seed(0))
+        return [
+            model.mae(pixel_values).last_hidden_state,
+            model(pixel_values, noise=noise.to(pixel_values.device)).logits,
+        ]
+    if isinstance(model, MAEForImageClassification):
+        return [model(pixel_values).logits]
+    return [model(pixel_values).last_hidden_state]
+
+
+def set_layer_norm_eps(model, eps: float = 1e-6, pixel_values: torch.Tensor | None = None) -> float:
+    """Give every LayerNorm of a maekit model (and `config.layer_norm_eps`) another epsilon, and measure what it did.
+
+    transformers' `ViTMAEConfig` defaults to `layer_norm_eps=1e-12` (the `facebook/vit-mae-*` configs hold it), the
+    official code and timm use 1e-6. Exporting such a model to timm or the official layout changes eps; this measures
+    by how much the outputs move: the model runs (in eval mode, restored afterwards) before and after the change.
+
+    Args:
+        model: `MAEModel`, `MAEForPreTraining` or `MAEForImageClassification`.
+        eps (`float`): the new epsilon.
+        pixel_values (`torch.Tensor`, *optional*): images to measure on; default: a fixed batch of two smooth
+            synthetic colour images at `config.image_size`.
+
+    Returns:
+        `float`: the largest absolute difference of the outputs (`last_hidden_state` over all patches; with a decoder
+        also the predicted pixels for a fixed mask; a classifier's `logits`).
+    """
+    if not isinstance(model, (MAEModel, MAEForPreTraining, MAEForImageClassification)):
+        raise TypeError(f"Expected a maekit MAE model, got {type(model).__name__}.")
+    param = next(model.parameters())
+    if pixel_values is None:
+        pixel_values = _eps_test_images(model.config)
+    pixel_values = pixel_values.to(param.device, param.dtype)
+    was_training = model.training
+    model.eval()
+    before = _eps_sensitive_outputs(model, pixel_values)
+    for module in model.modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            module.eps = eps
+    model.config.layer_norm_eps = eps
+    after = _eps_sensitive_outputs(model, pixel_values)
+    model.train(was_training)
+    return max((a.float() - b.float()).abs().max().item() for a, b in zip(before, after))
+
+
 def timm_model_args(model) -> dict:
     """Keyword arguments of timm's `VisionTransformer` (or `timm.create_model`) matching a maekit model.
 
@@ -612,7 +750,11 @@ def timm_model_args(model) -> dict:
     if config.hidden_act != "gelu":
         raise ValueError(f"timm's ViT uses exact GELU; hidden_act={config.hidden_act!r} has no timm counterpart.")
     if config.layer_norm_eps != 1e-6:
-        raise ValueError(f"timm's ViT uses LayerNorm eps 1e-6; layer_norm_eps={config.layer_norm_eps!r} differs.")
+        raise ValueError(
+            f"timm's ViT uses LayerNorm eps 1e-6; layer_norm_eps={config.layer_norm_eps!r} differs. Call "
+            "maekit.convert.set_layer_norm_eps(model, 1e-6) first: it returns by how much the outputs change "
+            "(maekit-convert does it, and prints the difference)."
+        )
     classifier = isinstance(model, MAEForImageClassification)
     return {
         "img_size": config.image_size if isinstance(config.image_size, int) else list(config.image_hw),
@@ -679,23 +821,30 @@ def _source_kind(source: str) -> str:
     path = Path(source)
     if _is_url(source):
         return "official"
+    if not path.exists() and (path.is_absolute() or source.startswith((".", "~")) or source.count("/") > 1):
+        raise ValueError(f"{source}: no such file or folder.")  # a local path, not a Hub repo id
     if path.is_file():
         if path.suffix not in _CHECKPOINT_SUFFIXES:
-            raise ValueError(f"{source} is a file but not a checkpoint; accepted suffixes: {_CHECKPOINT_SUFFIXES}.")
+            raise ValueError(f"{source}: a file but not a checkpoint; accepted suffixes: {_CHECKPOINT_SUFFIXES}.")
         return "official"
     try:
         config_dict, _ = PretrainedConfig.get_config_dict(source)
     except OSError as err:
         raise ValueError(
-            f"{source} is neither a checkpoint file nor a folder / Hub repo with a config.json ({err})."
+            f"{source}: neither a checkpoint file nor a folder / Hub repo with a config.json ({err})."
         ) from err
+    if not config_dict:
+        raise ValueError(
+            f"{source}: no config.json, so the architecture of the weights there is unknown; copy the config.json "
+            "of the run that wrote them into it (or convert the checkpoint file itself)."
+        )
     if "architecture" in config_dict:  # timm's config.json (transformers reads it as model_type "timm_wrapper")
         return "timm"
     kinds = {"vit_mae": "transformers", MAEConfig.model_type: "maekit"}
     model_type = config_dict.get("model_type")
     if model_type not in kinds:
         raise ValueError(
-            f"{source} holds a model_type={model_type!r} config; accepted: a transformers 'vit_mae', a maekit "
+            f"{source}: holds a model_type={model_type!r} config; accepted: a transformers 'vit_mae', a maekit "
             f"{MAEConfig.model_type!r} or a timm ViT folder, or an official .pth file."
         )
     return kinds[model_type]
@@ -720,7 +869,7 @@ def _load_source(source: str, kind: str, model_class: type | None):
         architectures = config_dict.get("architectures") or ["MAEForPreTraining"]
         model_class = _ARCHITECTURES.get(architectures[0], MAEForPreTraining)
     if kind == "transformers" and model_class is MAEForImageClassification:
-        raise ValueError("A transformers ViTMAE checkpoint has no classification head; use --model-class encoder.")
+        raise ValueError("a transformers ViTMAE checkpoint has no classification head; use --model-class encoder.")
     return model_class.from_pretrained(source)
 
 
@@ -767,33 +916,76 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What reading a bad SOURCE raises (after maekit's own checks turn most of it into ValueErrors naming the file).
+_READ_ERRORS = (ValueError, TypeError, OSError, RuntimeError, EOFError, KeyError, SafetensorError)
+# The LayerNorm epsilon of the official code and of timm's ViT.
+_OFFICIAL_EPS = 1e-6
+
+
+def _error(name, err: BaseException | str) -> int:
+    """Print `maekit-convert: error: <name>: <what is wrong>` on one line (no traceback); returns exit status 1."""
+    message = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, KeyError):
+        message = f"missing entry {message}"
+    elif isinstance(err, SafetensorError):
+        message = f"its weights are not a readable safetensors file: {message}"
+    if not message.startswith(str(name)):
+        message = f"{name}: {message}"
+    print(f"maekit-convert: error: {message}", file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `maekit-convert` / `python -m maekit.convert`; returns the exit status."""
+    """Entry point of `maekit-convert` / `python -m maekit.convert`; returns the exit status.
+
+    Wrong arguments exit with status 2 and the usage; a SOURCE that cannot be read or converted, or an OUTPUT that
+    cannot be written, exits with status 1 and one line `maekit-convert: error: <file>: <what is wrong>`.
+    """
     parser = _build_parser()
     args = parser.parse_args(argv)
     output = Path(args.output)
+    if args.to == "official" and output.suffix not in (".pth", ".pt"):
+        parser.error(f"--to official writes one file; give OUTPUT a .pth suffix, got {str(output)!r}.")
     try:
         kind = _source_kind(args.source) if args.source_kind == "auto" else args.source_kind
         model_class = None if args.model_class == "auto" else _MODEL_CLASSES[args.model_class]
         model = _load_source(args.source, kind, model_class)
-        if args.to == "official" and output.suffix not in (".pth", ".pt"):
-            raise ValueError(f"--to official writes one file; give OUTPUT a .pth suffix, got {str(output)!r}.")
+    except _READ_ERRORS as err:
+        return _error(args.source, err)
+    if args.to in ("timm", "official") and model.config.layer_norm_eps != _OFFICIAL_EPS:
+        # These formats have no eps field: their code uses 1e-6. Convert, and say by how much the outputs move.
+        eps, difference = model.config.layer_norm_eps, set_layer_norm_eps(model, _OFFICIAL_EPS)
+        print(
+            f"maekit-convert: warning: {args.source}: layer_norm_eps is {eps!r}, the {args.to} format uses "
+            f"{_OFFICIAL_EPS!r}: converted with {_OFFICIAL_EPS!r}; on test images the outputs change by at most "
+            f"{difference:.1e} (max abs). transformers' ViTMAE defaults to 1e-12, but the facebook/vit-mae-* weights "
+            "were trained with the official 1e-6.",
+            file=sys.stderr,
+        )
+    try:
         _save(model, output, args.to)
-    except (ValueError, TypeError, OSError) as err:
-        parser.error(str(err))
+    except ValueError as err:  # what the target format cannot hold
+        return _error(args.source, err)
+    except OSError as err:
+        return _error(output, err)
     print(f"Wrote {type(model).__name__} ({kind} -> {args.to}) to {output}")
     if args.push_to_hub:
-        api = HfApi()
-        repo = api.create_repo(args.push_to_hub, private=args.private, exist_ok=True)
-        if output.is_dir():
-            api.upload_folder(repo_id=repo.repo_id, folder_path=output, commit_message="Upload with maekit-convert")
-        else:
-            api.upload_file(
-                repo_id=repo.repo_id,
-                path_or_fileobj=output,
-                path_in_repo=output.name,
-                commit_message="Upload with maekit-convert",
-            )
+        try:
+            api = HfApi()
+            repo = api.create_repo(args.push_to_hub, private=args.private, exist_ok=True)
+            if output.is_dir():
+                api.upload_folder(
+                    repo_id=repo.repo_id, folder_path=output, commit_message="Upload with maekit-convert"
+                )
+            else:
+                api.upload_file(
+                    repo_id=repo.repo_id,
+                    path_or_fileobj=output,
+                    path_in_repo=output.name,
+                    commit_message="Upload with maekit-convert",
+                )
+        except Exception as err:  # network, credentials, quota: the conversion itself is done
+            return _error(args.push_to_hub, f"push failed ({' '.join(str(err).split())}); {output} is written.")
         print(f"Pushed to https://huggingface.co/{repo.repo_id}")
     return 0
 

@@ -8,6 +8,7 @@ and loss, and timm's `VisionTransformer` when timm is installed.
 import argparse
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from unittest import mock
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from transformers import ViTMAEConfig, ViTMAEForPreTraining, ViTMAEModel
 
 from maekit import MAEConfig, MAEForImageClassification, MAEForPreTraining, MAEModel
@@ -25,9 +27,11 @@ from maekit.convert import (
     load_official_state_dict,
     main,
     save_timm,
+    set_layer_norm_eps,
     timm_model_args,
     to_official_state_dict,
     to_timm_state_dict,
+    to_transformers,
 )
 
 from .conftest import TINY, official_sincos
@@ -577,31 +581,263 @@ def test_cli_model_class_choice(tmp_path):
     assert json.loads((tmp_path / "enc" / "config.json").read_text())["architectures"] == ["MAEModel"]
 
 
+def test_cli_usage_error_exits_2_before_loading(tmp_path, capsys):
+    source = save_official(tmp_path / "f.pth", official_state_dict("encoder"))
+    with mock.patch("maekit.convert._load_source") as load, pytest.raises(SystemExit) as exit_info:
+        main([str(source), str(tmp_path / "out"), "--to", "official"])
+    assert exit_info.value.code == 2 and ".pth suffix" in capsys.readouterr().err and not load.called
+
+
+def _write(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
+def _corrupt_safetensors(p):
+    (p / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json!!}")
+    return p / "model.safetensors"
+
+
+def _truncated_pth(p):
+    data = save_official(p / "full.pth", official_state_dict("full")).read_bytes()
+    (p / "cut.pth").write_bytes(data[: len(data) // 2])
+    return p / "cut.pth"
+
+
+def _with(kind, **changes):
+    def make(p):
+        sd = official_state_dict(kind)
+        sd.update(changes)
+        return save_official(p / "f.pth", {k: v for k, v in sd.items() if v is not None})
+
+    return make
+
+
+def _maekit_folder_with_corrupt_weights(p):
+    tiny_maekit(MAEForPreTraining).save_pretrained(p / "model")
+    (p / "model" / "model.safetensors").write_bytes(b"garbage")
+    return p / "model"
+
+
+def _weights_without_config(p):
+    tiny_maekit(MAEForPreTraining).save_pretrained(p / "model")
+    (p / "model" / "config.json").unlink()
+    return p / "model"
+
+
 @pytest.mark.parametrize(
     "make_source, args, message",
     [
-        (lambda p: p / "nothing-here", ["--to", "maekit"], "neither a checkpoint file nor a folder"),
+        (lambda p: p / "nothing-here", ["--to", "maekit"], "no such file or folder"),
+        (lambda p: p / "missing.pth", ["--to", "maekit", "--from", "official"], "no such file"),
         (lambda p: (p / "notes.txt").write_text("hi") and p / "notes.txt", ["--to", "maekit"], "not a checkpoint"),
+        (lambda p: (p / "config.json").write_text('{"model_type": "bert"}') and p, ["--to", "maekit"], "'bert'"),
+        (_weights_without_config, ["--to", "timm"], "no config.json"),
+        (_corrupt_safetensors, ["--to", "maekit"], "not a readable safetensors file"),
+        (_truncated_pth, ["--to", "maekit"], "not a readable PyTorch checkpoint"),
+        (lambda p: _write(p / "empty.pth", b""), ["--to", "maekit"], "not a readable"),
+        (lambda p: _write(p / "r.pth", bytes(range(256)) * 8), ["--to", "maekit"], "corrupt"),
+        (_with("encoder", **{"patch_embed.proj.weight": torch.zeros(128, 3, 8)}), ["--to", "maekit"], "4-D"),
         (
-            lambda p: (p / "config.json").write_text('{"model_type": "bert"}') and p,
-            ["--to", "maekit"],
-            "model_type='bert'",
+            _with("full", **{"blocks.1.attn.qkv.weight": torch.zeros(100, 128)}),
+            ["--to", "timm"],
+            "mae.blocks.1.attn.qkv.weight: (100, 128) in the file, (384, 128) in the model",
         ),
-        (
-            lambda p: save_official(p / "f.pth", official_state_dict("finetuned")),
-            ["--to", "transformers"],
-            "no classification model",
-        ),
-        (lambda p: save_official(p / "f.pth", official_state_dict("encoder")), ["--to", "official"], ".pth suffix"),
+        (_with("full", **{"decoder_blocks.0.mlp.fc1.weight": None}), ["--to", "maekit"], "decoder_blocks.0.mlp.fc1"),
+        (_maekit_folder_with_corrupt_weights, ["--to", "official"], "weights are not a readable safetensors file"),
+        (_with("finetuned"), ["--to", "transformers"], "no classification model"),
+    ],
+    ids=[
+        "nothing",
+        "missing-file",
+        "text-file",
+        "bert-folder",
+        "no-config",
+        "corrupt-safetensors",
+        "truncated-pth",
+        "empty-pth",
+        "random-bytes",
+        "3d-patch-embed",
+        "qkv-shape",
+        "missing-tensor",
+        "corrupt-maekit-weights",
+        "classifier-to-transformers",
     ],
 )
-def test_cli_clear_errors(tmp_path, capsys, make_source, args, message):
+def test_cli_errors_name_the_file_on_one_line(tmp_path, capsys, make_source, args, message):
     (tmp_path / "src").mkdir()
     source = make_source(tmp_path / "src")
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(source), str(tmp_path / "out"), *args])
-    assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
+    capsys.readouterr()  # setup output (progress bars of save_pretrained)
+    output = tmp_path / ("out.pth" if "official" in args else "out")
+    assert main([str(source), str(output), *args]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"maekit-convert: error: {source}") and message in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err and "usage:" not in err
+
+
+def test_installed_command_prints_no_traceback(tmp_path):
+    (tmp_path / "mae.safetensors").write_bytes(b"\x00" * 16)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "maekit.convert",
+            str(tmp_path / "mae.safetensors"),
+            str(tmp_path / "o"),
+            "--to",
+            "timm",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"maekit-convert: error: {tmp_path / 'mae.safetensors'}: not a readable safetensors file" in result.stderr
+
+
+def test_cli_push_failure_says_the_output_is_written(tmp_path, capsys):
+    source = save_official(tmp_path / "f.pth", official_state_dict("encoder"))
+    api = mock.MagicMock()
+    api.create_repo.side_effect = OSError("401 Client Error: Unauthorized")
+    with mock.patch("maekit.convert.HfApi", return_value=api):
+        status = main([str(source), str(tmp_path / "timm"), "--to", "timm", "--push-to-hub", "me/mae"])
+    err = capsys.readouterr().err
+    assert status == 1 and err.startswith("maekit-convert: error: me/mae: push failed (401 Client Error")
+    assert f"{tmp_path / 'timm'} is written" in err and (tmp_path / "timm" / "model.safetensors").is_file()
+
+
+# --- files that declare more than they hold --------------------------------------------------------------------------
+
+
+def _broadcast_official_encoder(dim: int, depth: int, mlp: int, patch: int = 16, grid: int = 14) -> dict:
+    """An official encoder state dict whose every tensor is a stride-0 view of one stored value: a few KB on disk,
+    `dim=8192, depth=16` declares 51.6 GB (the size reported in issue 10)."""
+    one = torch.zeros(1)
+
+    def view(*shape):
+        return one.expand(*shape)
+
+    sd = {
+        "cls_token": view(1, 1, dim),
+        "pos_embed": view(1, 1 + grid * grid, dim),
+        "patch_embed.proj.weight": view(dim, 3, patch, patch),
+        "patch_embed.proj.bias": view(dim),
+        "norm.weight": view(dim),
+        "norm.bias": view(dim),
+    }
+    for i in range(depth):
+        for name, shape in [
+            ("norm1.weight", (dim,)),
+            ("norm1.bias", (dim,)),
+            ("attn.qkv.weight", (3 * dim, dim)),
+            ("attn.qkv.bias", (3 * dim,)),
+            ("attn.proj.weight", (dim, dim)),
+            ("attn.proj.bias", (dim,)),
+            ("norm2.weight", (dim,)),
+            ("norm2.bias", (dim,)),
+            ("mlp.fc1.weight", (mlp, dim)),
+            ("mlp.fc1.bias", (mlp,)),
+            ("mlp.fc2.weight", (dim, mlp)),
+            ("mlp.fc2.bias", (dim,)),
+        ]:
+            sd[f"blocks.{i}.{name}"] = view(*shape)
+    return sd
+
+
+_BOUNDED_LOAD = """
+import resource, sys, time
+from maekit.convert import load_official_checkpoint
+status = open("/proc/self/status").read().split("VmSize:")[1].split()
+# However the loader behaves, it cannot take more than 1.5 GB of address space beyond what the imports took.
+resource.setrlimit(resource.RLIMIT_AS, (int(status[0]) * 1024 + 1_500_000_000, resource.RLIM_INFINITY))
+for path in sys.argv[1:]:
+    start = time.perf_counter()
+    try:
+        load_official_checkpoint(path)
+        print("LOADED", path)
+    except Exception as err:
+        print(type(err).__name__, f"{time.perf_counter() - start:.2f}s", " ".join(str(err).split()))
+"""
+
+
+def test_files_declaring_more_than_they_hold_are_refused_before_allocating(tmp_path):
+    """A 20 KB .pth of stride-0 views declaring a 51.6 GB ViT, and a .safetensors whose block numbers jump to
+    100000 (a model of depth 100001 from two blocks), are refused with a clear error before any model is built.
+    Checked in a child process whose address space is capped at 1.5 GB above its imports."""
+    bomb = tmp_path / "bomb.pth"
+    torch.save({"model": _broadcast_official_encoder(dim=8192, depth=16, mlp=32768)}, bomb)
+    assert bomb.stat().st_size < 64_000
+    sd = official_state_dict("encoder")
+    sd.update(
+        {k.replace("blocks.1.", "blocks.100000."): v.clone() for k, v in sd.items() if k.startswith("blocks.1.")}
+    )
+    deep = tmp_path / "deep.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, deep)
+    result = subprocess.run(
+        [sys.executable, "-c", _BOUNDED_LOAD, str(bomb), str(deep)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    lines = result.stdout.splitlines()
+    assert result.returncode == 0 and len(lines) == 2, result.stdout + result.stderr
+    assert lines[0].startswith("ValueError") and f"{bomb}: tensor 'cls_token' declares shape (1, 1, 8192)" in lines[0]
+    assert lines[1].startswith("ValueError") and "blocks.N keys go up to blocks.100000" in lines[1], lines[1]
+
+
+def test_tensors_sharing_one_storage_without_overlap_load(tmp_path):
+    """Views into one flat buffer (as some exporters write) hold every value once: accepted."""
+    sd = official_state_dict("encoder")
+    flat = torch.cat([v.flatten() for v in sd.values()])
+    views, offset = {}, 0
+    for key, value in sd.items():
+        views[key] = flat[offset : offset + value.numel()].view(value.shape)
+        offset += value.numel()
+    model = load_official_checkpoint(save_official(tmp_path / "flat.pth", views))
+    assert torch.equal(model.blocks[1].mlp.fc2.weight, sd["blocks.1.mlp.fc2.weight"])
+    shared = {**sd, "norm.bias": sd["norm.weight"]}  # one tensor stored, declared twice
+    with pytest.raises(ValueError, match="tensors declare .* bytes but the file stores"):
+        load_official_checkpoint(save_official(tmp_path / "aliased.pth", shared))
+
+
+# --- LayerNorm eps: transformers' 1e-12 -> the 1e-6 of timm and the official code ---------------------------------
+
+
+def test_set_layer_norm_eps_measures_the_change():
+    model = tiny_maekit(MAEForPreTraining, layer_norm_eps=1e-12).train()
+    x = images()
+    with torch.no_grad():
+        before = model.eval()(x, noise=torch.rand(2, 16, generator=torch.Generator().manual_seed(1))).logits
+    model.train()
+    difference = set_layer_norm_eps(model, 1e-6, x)
+    assert model.training and model.config.layer_norm_eps == 1e-6
+    assert all(m.eps == 1e-6 for m in model.modules() if isinstance(m, torch.nn.LayerNorm))
+    with torch.no_grad():
+        after = model.eval()(x, noise=torch.rand(2, 16, generator=torch.Generator().manual_seed(1))).logits
+    assert 0 < (after - before).abs().max().item() <= difference  # the reported bound covers this output too
+    assert set_layer_norm_eps(model, 1e-6) == 0.0  # no change, no difference
+    with pytest.raises(TypeError, match="maekit MAE model"):
+        set_layer_norm_eps(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("target", ["timm", "official"])
+def test_cli_converts_eps_1e12_with_the_measured_difference(tmp_path, capsys, target):
+    """transformers -> timm / official with transformers' default eps 1e-12: converted, with a warning that gives the
+    measured output difference (it used to be a usage error, exit 2)."""
+    model = tiny_maekit(MAEForPreTraining, layer_norm_eps=1e-12)
+    to_transformers(model).save_pretrained(tmp_path / "hf")
+    output = tmp_path / ("mae.pth" if target == "official" else "timm")
+    assert main([str(tmp_path / "hf"), str(output), "--to", target]) == 0
+    err = capsys.readouterr().err
+    assert f"maekit-convert: warning: {tmp_path / 'hf'}: layer_norm_eps is 1e-12" in err
+    reported = float(err.split("change by at most ")[1].split(" ")[0])
+    expected = set_layer_norm_eps(MAEForPreTraining.from_pretrained(tmp_path / "hf"), 1e-6)
+    assert reported == pytest.approx(expected, rel=0.06)  # printed with 2 significant digits
+    weights = output if target == "official" else output / "model.safetensors"
+    converted = load_official_checkpoint(weights, config=MAEConfig(**TINY), model_class=MAEModel)
+    for key, value in converted.state_dict().items():
+        assert torch.equal(value, model.mae.state_dict()[key]), key
 
 
 def test_cli_push_to_hub_uploads_the_output_folder(tmp_path):
