@@ -455,7 +455,8 @@ class _ImageSource:
 
 
 class MAEImageDataset(_ImageSource, torch.utils.data.Dataset):
-    """Map-style dataset of transformed images with deterministic augmentation and bad-image replacement.
+    """Map-style dataset of transformed images with deterministic augmentation and bad-image replacement (training)
+    or marking (evaluation, feature extraction).
 
     Args:
         dataset: a `datasets.Dataset` (images decoded or not; it is switched to undecoded so that corrupt files are
@@ -468,8 +469,15 @@ class MAEImageDataset(_ImageSource, torch.utils.data.Dataset):
             (seed, epoch, index)) and count it in `num_skipped`; if `False`, raise `BadImageError` naming the file.
         max_image_pixels (`int`, *optional*): decompression-bomb limit (default: PIL's `Image.MAX_IMAGE_PIXELS`).
         max_retries (`int`): replacement attempts for one item before giving up with an error.
+        mark_bad_images (`bool`): for evaluation and feature extraction, where every item must stay the file it
+            names: an undecodable image is neither replaced nor raised; its item keeps its index and label, has zero
+            `pixel_values` (the transform's output shape) and `"bad_image"`: the error naming the file (`None` for
+            good items). `collate_fn` passes these on as `batch["bad_images"]`, and
+            `maekit.evaluation.extract_features(..., return_bad_images=True)` returns them by row. `skip_bad_images`
+            is not consulted then.
 
-    `dataset[i]` returns `{"pixel_values": (C, H, W) tensor, "labels": int (with labels), "num_skipped": int}`.
+    `dataset[i]` returns `{"pixel_values": (C, H, W) tensor, "labels": int (with labels), "num_skipped": int}`, plus
+    `"bad_image": str | None` with `mark_bad_images`.
     """
 
     def __init__(
@@ -482,11 +490,14 @@ class MAEImageDataset(_ImageSource, torch.utils.data.Dataset):
         skip_bad_images: bool = True,
         max_image_pixels: int | None = None,
         max_retries: int = 50,
+        mark_bad_images: bool = False,
     ):
         _ImageSource.__init__(
             self, dataset, transform, image_column, label_column, seed, skip_bad_images, max_image_pixels
         )
         self.max_retries = max_retries
+        self.mark_bad_images = mark_bad_images
+        self._marker_shape: tuple[int, ...] | None = None  # the transform's output shape, found on first use
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -495,12 +506,13 @@ class MAEImageDataset(_ImageSource, torch.utils.data.Dataset):
         epoch = self.epoch
         candidate, num_skipped, replacements = int(index), 0, None
         while True:
+            record = self.dataset[candidate]
             try:
-                sample = self.load_record(
-                    self.dataset[candidate], sample_rng(self.seed, epoch, index), f"sample {candidate}"
-                )
+                sample = self.load_record(record, sample_rng(self.seed, epoch, index), f"sample {candidate}")
                 break
             except BadImageError as err:
+                if self.mark_bad_images:
+                    return self._marked(record, err)
                 if not self.skip_bad_images:
                     raise
                 num_skipped += 1
@@ -511,6 +523,19 @@ class MAEImageDataset(_ImageSource, torch.utils.data.Dataset):
                     replacements = np.random.default_rng([self.seed, epoch, int(index), 1])
                 candidate = int(replacements.integers(len(self.dataset)))
         sample["num_skipped"] = num_skipped
+        if self.mark_bad_images:
+            sample["bad_image"] = None
+        return sample
+
+    def _marked(self, record: Any, err: BadImageError) -> dict[str, Any]:
+        """The item of a bad image under `mark_bad_images`: zeros in its place, its label, the error naming it."""
+        logger.warning("Bad image kept as a marked item (%s).", err)
+        if self._marker_shape is None:  # what the transform makes of a blank image: the shape of every good item
+            blank = Image.new("RGB", (256, 256))
+            self._marker_shape = tuple(self.transform(blank, torch.Generator().manual_seed(0)).shape)
+        sample = {"pixel_values": torch.zeros(self._marker_shape), "num_skipped": 0, "bad_image": str(err)}
+        if self.load_record.label_column is not None:
+            sample["labels"] = int(record[self.load_record.label_column])
         return sample
 
 
@@ -566,12 +591,15 @@ class MAEIterableImageDataset(_ImageSource, torch.utils.data.IterableDataset):
             logger.warning("%d bad image(s) at the end of the stream were skipped.", pending_skips)
 
 
-def collate_fn(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Stack samples into `{"pixel_values": (B, C, H, W), "labels": (B,) long (if present), "num_skipped": ()}`."""
+def collate_fn(examples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack samples into `{"pixel_values": (B, C, H, W), "labels": (B,) long (if present), "num_skipped": ()}`,
+    plus `"bad_images"` (a list of B messages or `None`) for items of a `MAEImageDataset(mark_bad_images=True)`."""
     batch = {"pixel_values": torch.stack([example["pixel_values"] for example in examples])}
     if all("labels" in example for example in examples):
         batch["labels"] = torch.tensor([example["labels"] for example in examples], dtype=torch.long)
     batch["num_skipped"] = torch.tensor(sum(int(example.get("num_skipped", 0)) for example in examples))
+    if any("bad_image" in example for example in examples):
+        batch["bad_images"] = [example.get("bad_image") for example in examples]
     return batch
 
 
@@ -602,7 +630,7 @@ def build_dataloader(
     shuffle: bool = True,
     seed: int = 0,
     num_workers: int = 0,
-    drop_last: bool = True,
+    drop_last: bool | None = None,
     collate_fn: Callable = collate_fn,
     prefetch_factor: int | None = None,
 ) -> torch.utils.data.DataLoader:
@@ -610,9 +638,13 @@ def build_dataloader(
 
     For a map-style dataset, call `loader.sampler.set_epoch(epoch)` and `dataset.set_epoch(epoch)` before each epoch
     (both reach persistent workers). Iterable datasets are not shuffled here (shuffle them with `datasets`).
+
+    `drop_last` defaults to `shuffle`: a training loader drops the last partial batch (as the official pretraining
+    loader), an evaluation or feature-extraction loader (`shuffle=False`) keeps every sample, in order.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size}.")
+    drop_last = shuffle if drop_last is None else drop_last
     iterable = isinstance(dataset, torch.utils.data.IterableDataset)
     sampler = SeededRandomSampler(len(dataset), seed) if shuffle and not iterable else None
     return torch.utils.data.DataLoader(

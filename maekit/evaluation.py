@@ -27,17 +27,31 @@ __all__ = [
 _POOLING = ("cls", "mean")
 
 
-def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pixel_values, labels) from a `{"pixel_values", "labels"}` mapping (maekit's `collate_fn`) or a pair."""
+def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None, list[str | None] | None]:
+    """(pixel_values, labels or None, bad-image markers or None) from a `{"pixel_values", ["labels"],
+    ["bad_images"]}` mapping (maekit's `collate_fn`) or a `(pixel_values, labels)` pair."""
     if isinstance(batch, Mapping):
-        if "pixel_values" not in batch or "labels" not in batch:
-            raise ValueError(f"a batch mapping needs 'pixel_values' and 'labels', got keys {sorted(batch)}.")
-        return batch["pixel_values"], batch["labels"]
+        if "pixel_values" not in batch:
+            raise ValueError(f"a batch mapping needs 'pixel_values' (and 'labels' if any), got keys {sorted(batch)}.")
+        return batch["pixel_values"], batch.get("labels"), batch.get("bad_images")
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        return batch[0], batch[1]
+        return batch[0], batch[1], None
     raise TypeError(
         f"batches must be {{'pixel_values', 'labels'}} mappings or (pixel_values, labels) pairs, got {type(batch)}."
     )
+
+
+def _dropped_samples(dataloader: Any) -> tuple[int, int]:
+    """(samples a `drop_last=True` DataLoader leaves out, samples it has); (0, 0) when it drops none or cannot say."""
+    batch_sampler = getattr(dataloader, "batch_sampler", None)
+    while hasattr(batch_sampler, "batch_sampler"):  # accelerate's BatchSamplerShard wraps the original one
+        batch_sampler = batch_sampler.batch_sampler
+    try:
+        total = len(batch_sampler.sampler)
+        dropped = total % batch_sampler.batch_size if batch_sampler.drop_last else 0
+    except (AttributeError, TypeError):  # an iterable dataset, a custom batch sampler, a plain list of batches
+        return 0, 0
+    return dropped, total
 
 
 @torch.no_grad()
@@ -46,17 +60,20 @@ def extract_features(
     dataloader: Iterable[Any],
     pool: str = "cls",
     accelerator: Any | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encode a labeled dataset with a frozen encoder, without masking.
+    return_bad_images: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None] | tuple[torch.Tensor, torch.Tensor | None, dict[int, str]]:
+    """Encode a dataset with a frozen encoder, without masking: one feature row per sample, in loader order.
 
     The model runs in eval mode (its previous mode is restored afterwards) under `torch.no_grad()`. For an
     `MAEForPreTraining` or `MAEForImageClassification`, the encoder `model.mae` is used (the decoder and the head are
     skipped); any module whose output has a `last_hidden_state` of shape `(batch, 1 + num_patches, hidden)` works.
+    Every sample is kept: a DataLoader that would drop its last partial batch (`drop_last=True` with a remainder) is
+    refused; `maekit.data.build_dataloader(dataset, batch_size, shuffle=False)` keeps every sample, in order.
 
     Args:
         model (`nn.Module`): an `MAEModel`, a model holding one as `.mae`, or either wrapped by `accelerator.prepare`.
-        dataloader (`Iterable`): batches as `{"pixel_values", "labels"}` mappings (maekit's `collate_fn`) or
-            `(pixel_values, labels)` pairs.
+        dataloader (`Iterable`): batches as `{"pixel_values", "labels"}` mappings (maekit's `collate_fn`; `labels` is
+            optional) or `(pixel_values, labels)` pairs.
         pool (`str`): `"cls"` — the cls token after the final norm (the official linear-probe default); `"mean"` —
             the mean of the patch tokens after the final norm (a mean-pooling `MAEForImageClassification` has no
             final encoder norm: its `fc_norm` is not applied here).
@@ -64,38 +81,70 @@ def extract_features(
             runs under its autocast (mixed precision), and the features of all processes are gathered with
             `gather_for_metrics` (duplicated samples that pad the last batch are dropped), so every process returns
             the whole dataset.
+        return_bad_images (`bool`): also return the samples that a `MAEImageDataset(mark_bad_images=True)` could not
+            decode. Their rows hold NaN; every other row is unchanged (row i is still sample i). Without it, such a
+            sample is a `ValueError` naming the file.
 
     Returns:
-        `(features, labels)`: float32 `(num_samples, hidden_size)` features and `(num_samples,)` labels, on the
-        device the model runs on. Labels stay aligned with features; when gathered, each step's batches are
-        concatenated process by process.
+        `(features, labels)`, or `(features, labels, bad_images)` with `return_bad_images`: float32
+        `(num_samples, hidden_size)` features; `(num_samples,)` labels, or `None` when the batches have none;
+        `bad_images` maps a row to the error that names its file. Tensors are on the device the model runs on.
+        When gathered, each step's batches are concatenated process by process (the dataset order for an unshuffled
+        loader). docs/evaluation.md shows the extraction of a folder with a broken file.
     """
     if pool not in _POOLING:
         raise ValueError(f"pool must be one of {_POOLING}, got {pool!r}.")
+    dropped, total = _dropped_samples(dataloader)
+    if dropped:
+        raise ValueError(
+            f"the dataloader has drop_last=True and would leave out {dropped} of {total} samples; features need "
+            "every sample: use drop_last=False (maekit.data.build_dataloader(..., shuffle=False) does)."
+        )
     module = accelerator.unwrap_model(model) if accelerator is not None else model
     encoder = getattr(module, "mae", module)
     was_training = encoder.training
     encoder.eval()
     device = accelerator.device if accelerator is not None else next(encoder.parameters()).device
     autocast = accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
-    features, labels = [], []
+    features, labels, bad_images, num_rows = [], [], {}, 0
     try:
         with autocast:
             for batch in dataloader:
-                pixel_values, batch_labels = _split_batch(batch)
-                pixel_values = pixel_values.to(device, non_blocking=True)
-                batch_labels = torch.as_tensor(batch_labels).to(device, non_blocking=True)
-                hidden = encoder(pixel_values).last_hidden_state  # (B, 1 + L, D)
+                pixel_values, batch_labels, markers = _split_batch(batch)
+                if markers is not None and not return_bad_images and any(markers):
+                    bad = [marker for marker in markers if marker]
+                    raise ValueError(
+                        f"{len(bad)} image(s) of this batch could not be decoded ({bad[0]}); pass "
+                        "return_bad_images=True to keep their rows (NaN) and get their names."
+                    )
+                hidden = encoder(pixel_values.to(device, non_blocking=True)).last_hidden_state  # (B, 1 + L, D)
                 feats = (hidden[:, 0] if pool == "cls" else hidden[:, 1:].mean(dim=1)).float()
+                if markers is not None:
+                    bad_rows = torch.tensor([marker is not None for marker in markers], device=feats.device)
+                    feats = feats.masked_fill(bad_rows[:, None], float("nan"))
+                if batch_labels is not None:
+                    batch_labels = torch.as_tensor(batch_labels).to(device, non_blocking=True)
                 if accelerator is not None:
-                    feats, batch_labels = accelerator.gather_for_metrics((feats, batch_labels))
+                    feats = accelerator.gather_for_metrics(feats)
+                    if batch_labels is not None:
+                        batch_labels = accelerator.gather_for_metrics(batch_labels)
+                    if markers is not None:
+                        markers = accelerator.gather_for_metrics(list(markers), use_gather_object=True)
+                for row, marker in enumerate(markers or ()):
+                    if marker is not None:
+                        bad_images[num_rows + row] = marker
+                num_rows += feats.shape[0]
                 features.append(feats)
                 labels.append(batch_labels)
     finally:
         encoder.train(was_training)
     if not features:
         raise ValueError("the dataloader yielded no batches.")
-    return torch.cat(features), torch.cat(labels)
+    if len({batch_labels is None for batch_labels in labels}) > 1:
+        raise ValueError("some batches have labels and others do not.")
+    labels = None if labels[0] is None else torch.cat(labels)
+    features = torch.cat(features)
+    return (features, labels, bad_images) if return_bad_images else (features, labels)
 
 
 def _check_features(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor) -> None:

@@ -280,6 +280,46 @@ def test_fail_fast_names_the_file(image_folder):
     assert default[index]["pixel_values"].shape == (3, 16, 16)
 
 
+def test_marked_bad_images_keep_their_place_and_name(image_folder):
+    """For evaluation and feature extraction: a bad file is neither replaced nor raised; its item keeps its index,
+    label and a message naming the file, and collate_fn passes the markers on in batch order."""
+    root, bad_names = image_folder
+    train, _ = load_image_dataset(str(root))
+    dataset = MAEImageDataset(train, MAEEvalTransform(size=16), mark_bad_images=True, max_image_pixels=1_000_000)
+    bad = _bad_indices(dataset, bad_names)
+    items = [dataset[i] for i in range(len(dataset))]
+    assert {i for i, item in enumerate(items) if item["bad_image"] is not None} == bad
+    labels = train.features["label"]
+    paths = [record["path"] for record in dataset.dataset["image"]]
+    for i, item in enumerate(items):
+        assert item["pixel_values"].shape == (3, 16, 16) and item["num_skipped"] == 0
+        assert item["labels"] == dataset.dataset[i]["label"] and labels.int2str(item["labels"]) in paths[i]
+        if i in bad:
+            assert paths[i] in item["bad_image"] and not item["pixel_values"].any()
+        else:
+            torch.testing.assert_close(item["pixel_values"], MAEEvalTransform(size=16)(Image.open(paths[i])))
+    loader = build_dataloader(dataset, batch_size=4, shuffle=False)
+    batches = list(loader)
+    markers = [marker for batch in batches for marker in batch["bad_images"]]
+    assert markers == [item["bad_image"] for item in items]
+    assert sum(len(batch["labels"]) for batch in batches) == len(dataset) == 13
+
+
+def test_loaders_without_shuffle_keep_the_last_partial_batch():
+    """Evaluation and extraction loaders (shuffle=False) keep every sample; training loaders drop the last partial
+    batch, as the official pretraining DataLoader."""
+    dataset = [{"pixel_values": torch.full((3, 2, 2), float(i))} for i in range(10)]
+    kept = [
+        int(x[0, 0, 0])
+        for batch in build_dataloader(dataset, batch_size=4, shuffle=False)
+        for x in batch["pixel_values"]
+    ]
+    assert kept == list(range(10))
+    shuffled = build_dataloader(dataset, batch_size=4, shuffle=True)
+    assert shuffled.drop_last and sum(len(b["pixel_values"]) for b in shuffled) == 8
+    assert not build_dataloader(dataset, batch_size=4, shuffle=True, drop_last=False).drop_last
+
+
 def test_list_of_paths_and_decoded_datasets(image_folder):
     root, _ = image_folder
     paths = sorted(str(p) for p in root.glob("*/[0-9].jpg"))

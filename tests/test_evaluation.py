@@ -143,6 +143,48 @@ def test_extract_features_errors(tiny_config):
         extract_features(model, [torch.randn(2, 3, 32, 32)])
 
 
+def test_extract_features_keeps_every_file_and_lists_bad_ones_by_name(tiny_config, tmp_path):
+    """Features of a folder with bad files: one row per file, in order; bad files are NaN rows, listed by name."""
+    from PIL import Image
+
+    from maekit.data import MAEEvalTransform, MAEImageDataset, build_dataloader
+
+    generator = torch.Generator().manual_seed(0)
+    paths = []
+    for i in range(11):  # 11 files, batch 4: the last batch is partial
+        path = tmp_path / f"{i:02d}.png"
+        if i in (2, 9):
+            path.write_bytes(b"not an image")
+        else:
+            pixels = torch.randint(0, 256, (20, 24, 3), generator=generator, dtype=torch.uint8).numpy()
+            Image.fromarray(pixels).save(path)
+        paths.append(str(path))
+    transform = MAEEvalTransform(size=32)
+    dataset = MAEImageDataset(paths, transform, mark_bad_images=True)
+    model = MAEModel(tiny_config())
+    features, labels, bad_images = extract_features(
+        model, build_dataloader(dataset, batch_size=4, shuffle=False), return_bad_images=True
+    )
+    assert features.shape == (11, 32) and labels is None
+    assert sorted(bad_images) == [2, 9] and paths[2] in bad_images[2] and paths[9] in bad_images[9]
+    assert features[[2, 9]].isnan().all() and not features[[i for i in range(11) if i not in (2, 9)]].isnan().any()
+    with torch.no_grad():
+        expected = model.eval()(torch.stack([transform(Image.open(paths[i])) for i in (0, 5, 10)])).last_hidden_state
+    torch.testing.assert_close(features[[0, 5, 10]], expected[:, 0])
+    # Without return_bad_images a bad file is an error naming it, not a silent NaN row.
+    with pytest.raises(ValueError, match=r"02\.png.*return_bad_images=True"):
+        extract_features(model, build_dataloader(dataset, batch_size=4, shuffle=False))
+
+
+def test_extract_features_refuses_a_loader_that_drops_samples(tiny_config):
+    dataset = torch.utils.data.TensorDataset(torch.randn(10, 3, 32, 32), torch.arange(10))
+    model = MAEModel(tiny_config())
+    with pytest.raises(ValueError, match=r"drop_last=True.*2 of 10 samples"):
+        extract_features(model, torch.utils.data.DataLoader(dataset, batch_size=4, drop_last=True))
+    features, labels = extract_features(model, torch.utils.data.DataLoader(dataset, batch_size=5, drop_last=True))
+    assert features.shape == (10, 32) and torch.equal(labels, torch.arange(10))  # nothing to drop
+
+
 def test_linear_probe_head():
     torch.manual_seed(0)
     head = LinearProbeHead(64, 1000)
