@@ -153,6 +153,9 @@ class MAEConfig(PretrainedConfig):
     """
 
     model_type = "maekit_mae"
+    # Read by AutoImageProcessor when a preprocessor_config.json does not name its class (a class attribute: never
+    # serialized).
+    image_processor_type = "MAEImageProcessor"
 
     hidden_size: int = 768
     num_hidden_layers: int = 12

@@ -214,4 +214,22 @@ class MAEImageProcessor(PilBackend):
         )
 
 
+def _default_to_the_pil_backend() -> None:
+    """Make `AutoImageProcessor` pick `MAEImageProcessor` without asking for a torchvision backend first.
+
+    With `backend=None`, transformers asks for the torchvision backend whenever torchvision is installed; a processor
+    registered for the PIL backend only (maekit's: it needs neither torchvision nor a GPU) then logged "Requested
+    torchvision backend is not available. Falling back to pil backend." on every load. transformers keeps a list of
+    processors whose default backend is PIL; `MAEImageProcessor` joins it (`MAEConfig.image_processor_type` names it
+    for folders whose preprocessor_config.json does not). An explicit `backend="torchvision"` still says there is none.
+    """
+    from transformers.models.auto import image_processing_auto
+
+    defaults = getattr(image_processing_auto, "DEFAULT_TO_PIL_BACKEND_IMAGE_PROCESSORS", None)
+    if isinstance(defaults, list) and MAEImageProcessor.__name__ not in defaults:
+        defaults.append(MAEImageProcessor.__name__)
+
+
+_default_to_the_pil_backend()
+
 __all__ = ["IMAGENET_DEFAULT_MEAN", "IMAGENET_DEFAULT_STD", "MAEImageProcessor", "convert_image_mode"]

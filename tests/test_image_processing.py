@@ -136,6 +136,39 @@ def test_auto_image_processor_from_model_config(tmp_path):
     assert type(AutoImageProcessor.from_pretrained(tmp_path)) is MAEImageProcessor
 
 
+@pytest.fixture
+def torchvision_installed(monkeypatch):
+    """AutoImageProcessor as it behaves where torchvision is installed (it prefers the torchvision backend then)."""
+    from transformers.models.auto import image_processing_auto
+    from transformers.utils import logging as hf_logging
+
+    monkeypatch.setattr(image_processing_auto, "is_torchvision_available", lambda: True)
+    hf_logging.get_logger().warning_once.cache_clear()  # logged once per process: let each load show it
+    yield image_processing_auto.logger
+    hf_logging.get_logger().warning_once.cache_clear()
+
+
+@pytest.mark.parametrize("through", ["preprocessor_config", "model_config"])
+def test_loading_a_maekit_processor_asks_for_no_torchvision_backend(tmp_path, torchvision_installed, through):
+    """transformers prefers the torchvision backend when torchvision is installed and, for a processor registered
+    with the PIL backend only, logged "Requested torchvision backend is not available" on every load."""
+    from transformers.testing_utils import CaptureLogger
+
+    maekit.MAEConfig(image_size=32, patch_size=8).save_pretrained(tmp_path)
+    MAEImageProcessor(size=32).save_pretrained(tmp_path)
+    if through == "model_config":
+        config = json.loads((tmp_path / "preprocessor_config.json").read_text())
+        del config["image_processor_type"]
+        (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))
+    with CaptureLogger(torchvision_installed) as captured:
+        loaded = AutoImageProcessor.from_pretrained(tmp_path)
+        MAEImageProcessor.from_pretrained(tmp_path)
+    assert type(loaded) is MAEImageProcessor and "backend" not in captured.out, captured.out
+    with CaptureLogger(torchvision_installed) as captured:  # asked for explicitly: say there is none
+        assert type(AutoImageProcessor.from_pretrained(tmp_path, backend="torchvision")) is MAEImageProcessor
+    assert "Requested torchvision backend is not available" in captured.out
+
+
 def test_vit_mae_base_style_config_loads(tmp_path):
     (tmp_path / "preprocessor_config.json").write_text(
         json.dumps(
