@@ -149,6 +149,8 @@ class MAEImageProcessor(PilBackend):
     patch_size = 16
 
     def __init__(self, **kwargs):
+        # As MAEConfig: an auto_map read from a preprocessor_config.json is dropped, never written on.
+        kwargs.pop("auto_map", None)
         super().__init__(**kwargs)
         if not isinstance(self.num_channels, int) or self.num_channels < 1:
             raise ValueError(f"num_channels must be a positive int, got {self.num_channels!r}.")

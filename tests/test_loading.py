@@ -135,3 +135,21 @@ def test_auto_map_never_runs_and_is_never_propagated(folder_with_auto_map, tmp_p
 def test_auto_map_is_dropped_from_a_config_built_from_a_dict():
     config = MAEConfig(**TINY, auto_map={"AutoModel": "evil.EvilModel"})
     assert getattr(config, "auto_map", None) is None and "auto_map" not in config.to_dict()
+
+
+@pytest.mark.parametrize("loader", ["MAEImageProcessor", "AutoImageProcessor"])
+def test_auto_map_of_a_preprocessor_config_is_never_propagated(folder_with_auto_map, tmp_path, loader):
+    from transformers import AutoImageProcessor
+
+    from maekit import MAEImageProcessor
+
+    MAEImageProcessor(size=32).save_pretrained(folder_with_auto_map)
+    path = folder_with_auto_map / "preprocessor_config.json"
+    path.write_text(
+        json.dumps({**json.loads(path.read_text()), "auto_map": {"AutoImageProcessor": "evil.EvilConfig"}})
+    )
+    processor = {"MAEImageProcessor": MAEImageProcessor, "AutoImageProcessor": AutoImageProcessor}[loader]
+    loaded = processor.from_pretrained(folder_with_auto_map)
+    assert type(loaded) is MAEImageProcessor and not (folder_with_auto_map / "code_ran").exists()
+    loaded.save_pretrained(tmp_path / "saved")
+    assert "auto_map" not in json.loads((tmp_path / "saved" / "preprocessor_config.json").read_text())
