@@ -29,27 +29,19 @@ def test_integer_pixel_values_are_refused_naming_the_dtype(tiny_config, cls, dty
 
 
 @pytest.mark.parametrize("cls", MODELS)
-def test_float64_pixels_run_in_the_model_dtype(tiny_config, cls):
-    """Floating-point pixels of another precision are cast to the model's dtype, as transformers' ViT does."""
+def test_float_pixels_of_another_precision_run_in_the_model_dtype(tiny_config, cls):
+    """float64 pixels (e.g. from NumPy) run a float32 model in float32, as transformers' ViT casts them; a float64
+    model (model.double()) takes float64 and float32 pixels."""
     model = cls(tiny_config(num_labels=3)).eval()
     x = torch.randn(2, 3, 32, 32)
     noise = {"noise": torch.rand(2, 16)} if cls is MAEForPreTraining else {}
     with torch.no_grad():
         reference = _first_output(model, x, **noise)
         from_float64 = _first_output(model, x.double(), **noise)
-    assert from_float64.dtype == torch.float32
-    torch.testing.assert_close(from_float64, reference, rtol=0, atol=0)  # x.double().float() == x exactly
-    if cls is MAEForPreTraining:
-        assert model(x.double(), **noise).loss.dtype == torch.float32
-
-
-@pytest.mark.parametrize("cls", MODELS)
-def test_float64_models_keep_working(tiny_config, cls):
-    model = cls(tiny_config(num_labels=3)).eval()
-    x = torch.randn(2, 3, 32, 32)
-    noise = {"noise": torch.rand(2, 16)} if cls is MAEForPreTraining else {}
-    with torch.no_grad():
-        reference = _first_output(model, x, **noise)
+        assert from_float64.dtype == torch.float32
+        torch.testing.assert_close(from_float64, reference, rtol=0, atol=0)  # x.double().float() == x exactly
+        if cls is MAEForPreTraining:
+            assert model(x.double(), **noise).loss.dtype == torch.float32
         model.double()
         for pixels in (x.double(), x):  # float32 pixels are cast up to the model's float64
             out = _first_output(model, pixels, **noise)
