@@ -104,7 +104,7 @@ def test_label_smoothing_and_mixup_collator(tmp_path):
     batch = smooth.data_collator([dataset[i] for i in range(6)])
     with torch.no_grad():
         smooth.model.head.weight.normal_()  # confident logits: smoothing then changes the loss
-    loss = smooth.compute_loss(smooth.model, batch, noise=None)
+    loss = smooth.compute_loss(smooth.model, batch)
     logits = smooth.model(batch["pixel_values"]).logits
     targets = one_hot_targets(batch["labels"], 3, 0.1)
     assert loss.item() == pytest.approx(torch.sum(-targets * logits.log_softmax(-1), -1).mean().item(), rel=1e-5)
@@ -146,7 +146,7 @@ def test_best_model_is_the_one_with_the_best_top1(tmp_path):
         with torch.no_grad():
             model.head.bias.fill_(float(step))
         heads.append(model.head.bias.clone())
-        trainer._evaluate_and_visualize(step)
+        trainer._evaluate_and_log(step)
     assert (trainer.state["best_metric"], trainer.state["best_step"]) == (70.0, 2)
     saved = json.loads((tmp_path / "best" / "eval_results.json").read_text())
     assert saved["step"] == 2 and saved["eval_acc1"] == 70.0
