@@ -19,6 +19,8 @@ _HUB_STRATEGIES = ("end", "every_save")
 _NONFINITE = ("error", "skip", "rollback")
 # Without save_steps, checkpoints are written at epoch ends at least this many optimizer steps apart.
 MIN_STEPS_BETWEEN_EPOCH_SAVES = 500
+# The official linear-probing batch; with LARS the scaling rule does not take the rate below this batch's.
+LINEAR_PROBE_REFERENCE_BATCH = 16384
 
 
 def _check_positive_int(owner, names: tuple[str, ...], optional: bool = False) -> None:
@@ -337,6 +339,17 @@ class ClassificationTrainingArguments(TrainingArguments):
         for name in ("mixup_prob", "mixup_switch_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}.")
+
+    def resolved_learning_rate(self, num_processes: int = 1) -> float:
+        """As `TrainingArguments.resolved_learning_rate`, except that linear probing never scales the rate below the
+        official batch's: `base_learning_rate * max(global batch, 16384) / 256`.
+
+        LARS normalizes every layer's update by its gradient norm, so a rate scaled down to a small batch no longer
+        moves the head in a short run (measured in docs/evaluation.md)."""
+        if self.learning_rate is not None or not self.linear_probe:
+            return super().resolved_learning_rate(num_processes)
+        batch = max(self.global_batch_size(num_processes), LINEAR_PROBE_REFERENCE_BATCH)
+        return self.base_learning_rate * batch / 256
 
     @property
     def mixes(self) -> bool:

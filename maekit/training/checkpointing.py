@@ -80,10 +80,10 @@ class RunSignature:
     """What a resumed run must share with the checkpoint it resumes, so that it continues the same run: the data
     order and the schedule depend on each field."""
 
-    global_batch_size: int
-    steps_per_epoch: int | None
     num_train_samples: int | None
     dataset_fingerprint: str | None
+    global_batch_size: int
+    steps_per_epoch: int | None
     total_steps: int
     warmup_steps: int
     learning_rate: float

@@ -323,6 +323,7 @@ class Trainer:
                 step = self._roll_back(rollback.step)
         self.progress.close()
 
+        self._warn_if_the_loss_did_not_move()
         self._check_weights_finite("the end of training")
         self.save_model(self.output_dir)
         self._finish_outputs()
@@ -616,6 +617,22 @@ class Trainer:
         """A warning from the main process."""
         if self.accelerator.is_main_process:
             logger.warning(message)
+
+    def _warn_if_the_loss_did_not_move(self) -> None:
+        """A run whose training loss ends where it started (within 2%) most likely had too small a learning rate
+        for its length: say so, rather than let a chance-level result pass silently."""
+        losses = [entry["loss"] for entry in self.state.log_history if math.isfinite(entry.get("loss", math.nan))]
+        if len(losses) < 4:
+            return
+        quarter = max(1, len(losses) // 4)
+        first, last = sum(losses[:quarter]) / quarter, sum(losses[-quarter:]) / quarter
+        if last >= 0.98 * first:
+            self.warn(
+                f"The training loss has not moved ({first:.4g} at the start, {last:.4g} at the end of "
+                f"{self.state.global_step} steps): the learning rate ({self.learning_rate:.3g} at its peak) is probably "
+                "too small for a run this short, or the data carry no signal. Raise learning_rate (or "
+                "base_learning_rate), or train for more steps."
+            )
 
     def _last_metrics(self) -> dict[str, float]:
         last = {}
