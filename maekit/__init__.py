@@ -24,13 +24,28 @@ from .modeling_mae import (
     patchify,
     unpatchify,
 )
-from .training import (
-    ClassificationTrainer,
-    ClassificationTrainingArguments,
-    KNNMonitor,
-    MAETrainer,
-    MAETrainingArguments,
+
+# Training (Accelerate, tqdm, the Hub client) is imported when first used: `import maekit` stays light.
+_TRAINING_NAMES = (
+    "ClassificationTrainer",
+    "ClassificationTrainingArguments",
+    "KNNMonitor",
+    "MAETrainer",
+    "MAETrainingArguments",
 )
+
+
+def __getattr__(name: str):
+    if name in _TRAINING_NAMES:
+        from . import training
+
+        return getattr(training, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_TRAINING_NAMES})
+
 
 __version__ = "0.1.0.dev0"
 

@@ -625,7 +625,7 @@ class SeededRandomSampler(torch.utils.data.Sampler[int]):
 
 def build_dataloader(
     dataset: torch.utils.data.Dataset,
-    batch_size: int,
+    batch_size: int | None,
     *,
     shuffle: bool = True,
     seed: int = 0,
@@ -633,30 +633,54 @@ def build_dataloader(
     drop_last: bool | None = None,
     collate_fn: Callable = collate_fn,
     prefetch_factor: int | None = None,
+    sampler: Sequence[int] | torch.utils.data.Sampler | None = None,
+    batch_sampler: torch.utils.data.Sampler | None = None,
+    generator: torch.Generator | None = None,
+    pin_memory: bool | None = None,
+    persistent_workers: bool | None = None,
 ) -> torch.utils.data.DataLoader:
-    """DataLoader with a (seed, epoch)-seeded shuffle, `pin_memory` on CUDA, persistent workers when `num_workers > 0`.
+    """The DataLoader every maekit loader is built with.
 
-    For a map-style dataset, call `loader.sampler.set_epoch(epoch)` and `dataset.set_epoch(epoch)` before each epoch
-    (both reach persistent workers). Iterable datasets are not shuffled here (shuffle them with `datasets`).
+    By default: a (seed, epoch)-seeded shuffle (`SeededRandomSampler`), `pin_memory` on CUDA, persistent workers when
+    `num_workers > 0`. For a map-style dataset, call `loader.sampler.set_epoch(epoch)` and `dataset.set_epoch(epoch)`
+    before each epoch (both reach persistent workers). Iterable datasets are not shuffled here (shuffle them with
+    `datasets`).
+
+    Args:
+        dataset: the dataset.
+        batch_size (`int`, *optional*): samples per batch; None for a dataset that yields whole batches.
+        shuffle, seed: the default sampler's shuffle and seed (ignored with `sampler` / `batch_sampler`).
+        num_workers, prefetch_factor, drop_last, collate_fn, generator: as `torch.utils.data.DataLoader`.
+        sampler: indices to read (e.g. a fixed order), instead of the shuffle.
+        batch_sampler: yields the index lists of whole batches (then `batch_size`, `shuffle` and `drop_last` are
+            not used).
+        pin_memory (`bool`, *optional*): default: whether CUDA is available.
+        persistent_workers (`bool`, *optional*): default: `num_workers > 0`.
 
     `drop_last` defaults to `shuffle`: a training loader drops the last partial batch (as the official pretraining
     loader), an evaluation or feature-extraction loader (`shuffle=False`) keeps every sample, in order.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size}.")
+    if batch_sampler is None and batch_size is not None and (
+        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+    ):
+        raise ValueError(f"batch_size must be a positive int (or None for a dataset of batches), got {batch_size!r}.")
     drop_last = shuffle if drop_last is None else drop_last
     iterable = isinstance(dataset, torch.utils.data.IterableDataset)
-    sampler = SeededRandomSampler(len(dataset), seed) if shuffle and not iterable else None
+    if batch_sampler is not None:
+        options = dict(batch_sampler=batch_sampler)
+    else:
+        if sampler is None and shuffle and not iterable:
+            sampler = SeededRandomSampler(len(dataset), seed)
+        options = dict(batch_size=batch_size, sampler=sampler, drop_last=drop_last and batch_size is not None)
     return torch.utils.data.DataLoader(
         dataset,
-        batch_size=batch_size,
-        sampler=sampler,
         num_workers=num_workers,
         collate_fn=collate_fn,
-        pin_memory=torch.cuda.is_available(),
-        drop_last=drop_last,
-        persistent_workers=num_workers > 0,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory and torch.cuda.is_available(),
+        persistent_workers=num_workers > 0 if persistent_workers is None else persistent_workers and num_workers > 0,
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
+        generator=generator,
+        **options,
     )
 
 

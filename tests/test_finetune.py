@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -104,7 +105,7 @@ def test_label_smoothing_and_mixup_collator(tmp_path):
     batch = smooth.data_collator([dataset[i] for i in range(6)])
     with torch.no_grad():
         smooth.model.head.weight.normal_()  # confident logits: smoothing then changes the loss
-    loss = smooth.compute_loss(smooth.model, batch, noise=None)
+    loss = smooth.compute_loss(smooth.model, batch)
     logits = smooth.model(batch["pixel_values"]).logits
     targets = one_hot_targets(batch["labels"], 3, 0.1)
     assert loss.item() == pytest.approx(torch.sum(-targets * logits.log_softmax(-1), -1).mean().item(), rel=1e-5)
@@ -146,7 +147,7 @@ def test_best_model_is_the_one_with_the_best_top1(tmp_path):
         with torch.no_grad():
             model.head.bias.fill_(float(step))
         heads.append(model.head.bias.clone())
-        trainer._evaluate_and_visualize(step)
+        trainer._evaluate_and_log(step)
     assert (trainer.state["best_metric"], trainer.state["best_step"]) == (70.0, 2)
     saved = json.loads((tmp_path / "best" / "eval_results.json").read_text())
     assert saved["step"] == 2 and saved["eval_acc1"] == 70.0
@@ -353,3 +354,42 @@ def test_digits_results_benchmark_runs_the_whole_pipeline(tmp_path, capsys):
                                        "linear_probe_random", "finetune_random"}  # fmt: skip
     assert (tmp_path / "work" / "finetune-random" / "best" / "config.json").is_file()
     assert "kNN (cls)" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def photo_classes(tmp_path_factory):
+    """3 classes of 16 random crops each from three scikit-image photos, and a random-init tiny encoder."""
+    from skimage import data
+
+    root = tmp_path_factory.mktemp("photo-classes")
+    rng = np.random.default_rng(0)
+    for name in ("astronaut", "coffee", "chelsea"):
+        photo = np.asarray(Image.fromarray(getattr(data, name)()).convert("RGB"))
+        (root / "images" / name).mkdir(parents=True)
+        for i in range(16):
+            size = rng.integers(96, 200)
+            top, left = rng.integers(0, photo.shape[0] - size), rng.integers(0, photo.shape[1] - size)
+            crop = Image.fromarray(photo[top : top + size, left : left + size]).resize((40, 40))
+            crop.save(root / "images" / name / f"{i}.png")
+    torch.manual_seed(0)
+    MAEForPreTraining(MAEConfig(**TINY)).save_pretrained(root / "pretrained")
+    return root / "pretrained", root / "images"
+
+
+def test_linear_probe_defaults_learn_on_a_small_folder(photo_classes, tmp_path, caplog):
+    # The official rate scaled down to a batch of 8 (0.1 * 8 / 256) left the head at chance on this folder (16.7%,
+    # loss ln 3); linear probing keeps the official batch's rate (LARS normalizes each update): 91.7%.
+    probe = load_example("linear_probe")
+    pretrained, images = photo_classes
+    common = ["--model_name_or_path", str(pretrained), "--data_dir", str(images), "--train_val_split", "0.25",
+              "--per_device_train_batch_size", "8", "--report_to", "none", "--disable_tqdm", "true"]  # fmt: skip
+    argv = [*common, "--output_dir", str(tmp_path / "default")]
+    _, _, args = probe.parse_arguments(argv)
+    assert args.resolved_learning_rate() == pytest.approx(0.1 * 16384 / 256)
+    metrics = probe.main(argv)
+    assert metrics["best_eval_acc1"] > 75.0 and metrics["loss"] < 0.5 * math.log(3)
+    # A rate too small for the run is not silent: the loss did not move, and the run says so.
+    with caplog.at_level("WARNING"):
+        probe.main([*common, "--learning_rate", "0.0001", "--max_steps", "12", "--logging_steps", "1",
+                    "--warmup_steps", "0", "--output_dir", str(tmp_path / "low")])  # fmt: skip
+    assert "The training loss has not moved" in caplog.text

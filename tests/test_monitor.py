@@ -34,7 +34,7 @@ def test_monitor_logs_knn_accuracy_to_the_trackers_at_its_steps(tmp_path):
     logged = [(entry["step"], entry["knn_acc1"]) for entry in trainer.state["log_history"] if "knn_acc1" in entry]
     assert [step for step, _ in logged] == [2, 4, 5]  # every 2 steps and at the end
     assert all(0.0 <= value <= 100.0 for _, value in logged)
-    assert "knn_acc1" in trainer._monitor_postfix  # shown on the progress bar
+    assert "knn_acc1" in trainer._postfix  # shown on the progress bar
 
     runs = [EventAccumulator(str(path)).Reload() for path in (tmp_path / "runs").rglob("events.out.tfevents.*")]
     (scalars,) = [run.Scalars("knn_acc1") for run in runs if "knn_acc1" in run.Tags()["scalars"]]

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
 
 from maekit import MAEForPreTraining, MAETrainer, MAETrainingArguments
 from maekit.data import (
@@ -25,7 +24,7 @@ from maekit.data import (
     collate_fn,
     load_image_dataset,
 )
-from maekit.training import trainer as trainer_module
+from maekit.training.data_order import StreamPosition, StreamReaders, stream_batches
 from tests.test_trainer import make_args as trainer_args
 from tests.test_trainer import max_diff, step_losses, weights
 
@@ -66,7 +65,8 @@ def test_streaming_run_passes_over_the_stream_and_checkpoints_its_position(tiny_
     )
     model = make_model(tiny_config)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
-    trainer = MAETrainer(model, make_args(tmp_path, max_steps=12, save_steps=5), stream(image_folder), eval_images)
+    args = make_args(tmp_path, max_steps=12, save_steps=5, save_total_limit=None)  # keep every checkpoint
+    trainer = MAETrainer(model, args, stream(image_folder), eval_images)
     result = trainer.train()
 
     assert result.global_step == 12 and np.isfinite(result.training_loss)
@@ -123,13 +123,15 @@ def test_readers_split_the_stream_without_overlap(num_shards):
     dataset = MAEIterableImageDataset(_numbered_images(count, num_shards), transform, seed=0)
     seen = []
     for process in range(2):
-        position = {"epoch": 0, "batches": [0, 0], "records": [0, 0]}
-        readers = trainer_module._StreamReaders(
-            dataset, epoch=0, batch_size=2, process_index=process, num_processes=2, resume=position
-        )
-        collate = trainer_module._StreamCollate(collate_fn)
-        for batch, _, _ in DataLoader(readers, batch_size=2, num_workers=2, collate_fn=collate):
+        position = StreamPosition.start(2)
+        batches = stream_batches(
+            dataset, position, batch_size=2, process_index=process, num_processes=2, collate_fn=collate_fn,
+            num_workers=2, pin_memory=False, on_position=lambda _: None,
+        )  # fmt: skip
+        for _ in range(10):  # one pass: 20 images per process
+            batch, _ = next(batches)
             seen += (batch["pixel_values"][:, 0, 0, 0] / 3).round().long().tolist()
+        assert sum(position.batches) == 10 and sum(position.records) == 20
     assert sorted(seen) == list(range(count))
 
 
@@ -138,19 +140,38 @@ def test_readers_drop_bad_images_and_count_them():
     good = _numbered_images(6, 1)
     features = datasets.Features({"image": datasets.Image(decode=False)})
     mixed = datasets.IterableDataset.from_generator(lambda: iter([*records, *good]), features=features)
-    position = {"epoch": 0, "batches": [0], "records": [0]}
     for skip_bad_images in (True, False):
         dataset = MAEIterableImageDataset(mixed, MAETrainTransform(size=8), skip_bad_images=skip_bad_images)
-        readers = trainer_module._StreamReaders(
-            dataset, epoch=0, batch_size=2, process_index=0, num_processes=1, resume=position
-        )
+        readers = StreamReaders(
+            dataset, epoch=0, batch_size=2, process_index=0, num_processes=1, collate_fn=collate_fn,
+            resume=StreamPosition.start(1),
+        )  # fmt: skip
         if skip_bad_images:
-            samples = list(readers)
-            assert [s["num_skipped"] for s in samples] == [2, 0, 0, 0, 0, 0]
-            assert [s[trainer_module._STREAM_POSITION_KEY] for s in samples] == [(0, i) for i in range(3, 9)]
+            items = list(readers)
+            assert [item.num_skipped for item in items] == [2, 0, 0]
+            assert [(item.reader, item.records) for item in items] == [(0, 4), (0, 6), (0, 8)]
         else:
             with pytest.raises(BadImageError, match="empty.png"):
                 list(readers)
+
+
+def test_readers_count_bad_images_in_the_dropped_last_batch():
+    # 5 good images in batches of 2, bad ones before and after the 5th: the incomplete last batch is dropped, but
+    # its skipped images are still reported (maekit 0.1 lost them with the dropped samples).
+    good = list(_numbered_images(5, 1))
+    bad = [{"image": {"bytes": b"", "path": f"bad-{i}.png"}} for i in range(3)]
+    features = datasets.Features({"image": datasets.Image(decode=False)})
+    mixed = datasets.IterableDataset.from_generator(
+        lambda: iter([*good[:4], bad[0], good[4], *bad[1:]]), features=features
+    )
+    dataset = MAEIterableImageDataset(mixed, MAETrainTransform(size=8))
+    readers = StreamReaders(
+        dataset, epoch=0, batch_size=2, process_index=0, num_processes=1, collate_fn=collate_fn,
+        resume=StreamPosition.start(1),
+    )  # fmt: skip
+    items = list(readers)
+    assert [item.batch is not None for item in items] == [True, True, False]
+    assert sum(item.num_skipped for item in items) == 3
 
 
 @pytest.mark.parametrize(("workers", "save_at"), [(0, 6), (2, 7)])
@@ -176,7 +197,7 @@ def test_streaming_resume_is_exact(tiny_config, image_folder, tmp_path, workers,
     assert resumed.train().global_step == 12
     assert max_diff(weights(tmp_path / "full"), weights(resumed_dir)) <= 1e-6
     assert step_losses(resumed) == pytest.approx(step_losses(full), abs=1e-6)
-    assert resumed._stream_position == full._stream_position
+    assert resumed.stream_position == full.stream_position
 
 
 def test_streaming_resume_refuses_another_split(tiny_config, image_folder, tmp_path):
@@ -222,7 +243,7 @@ from maekit import MAEConfig, MAEForPreTraining, MAETrainer
 
 folder, output_dir, resume = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "resume"
 torch.manual_seed(0)
-args = make_args(output_dir, max_steps=8, save_steps=3, num_reconstruction_images=0,
+args = make_args(output_dir, max_steps=8, save_steps=3, save_total_limit=None, num_reconstruction_images=0,
                  resume_from_checkpoint="latest" if resume else None)
 trainer = MAETrainer(MAEForPreTraining(MAEConfig(**TINY, drop_path_rate=0.1)), args, stream(folder))
 trainer.train()

@@ -1,27 +1,43 @@
-"""Training with Accelerate: `MAETrainer` (pretraining), `ClassificationTrainer` (fine-tuning, linear probing), their
-arguments, the `KNNMonitor`, the optimizer groups and the learning-rate schedule."""
+"""Training with Accelerate: one loop (`Trainer`) for every objective (`Task`): pretraining (`MAETrainer`,
+`PretrainingTask`), fine-tuning and linear probing (`ClassificationTrainer`, `ClassificationTask`); their arguments,
+the `KNNMonitor`, the optimizer groups, the learning-rate schedule, checkpoints, the model card and the Hub."""
 
-from .arguments import MAETrainingArguments
-from .finetune import ClassificationTrainer, ClassificationTrainingArguments, fold_linear_probe_head
+from .arguments import ClassificationTrainingArguments, MAETrainingArguments, TrainingArguments
+from .checkpointing import CheckpointWriteError, TrainerState, find_latest_checkpoint
+from .classification import ClassificationTask, ClassificationTrainer, fold_linear_probe_head
+from .hub import HubAccessError, ModelCard, write_model_card
 from .lars import LARS
 from .layer_decay import param_groups_layer_decay
 from .monitor import KNNMonitor
 from .optim import create_optimizer, param_groups_weight_decay
+from .pretraining import MAETrainer, PretrainingTask
 from .schedule import cosine_lr_with_warmup
-from .trainer import MAETrainer, NonFiniteLossError, find_latest_checkpoint
+from .task import StepContext, Task
+from .trainer import NonFiniteLossError, Trainer
 
 __all__ = [
+    "LARS",
+    "CheckpointWriteError",
+    "ClassificationTask",
     "ClassificationTrainer",
     "ClassificationTrainingArguments",
+    "HubAccessError",
     "KNNMonitor",
-    "LARS",
     "MAETrainer",
     "MAETrainingArguments",
+    "ModelCard",
     "NonFiniteLossError",
+    "PretrainingTask",
+    "StepContext",
+    "Task",
+    "Trainer",
+    "TrainerState",
+    "TrainingArguments",
     "cosine_lr_with_warmup",
     "create_optimizer",
     "find_latest_checkpoint",
     "fold_linear_probe_head",
     "param_groups_layer_decay",
     "param_groups_weight_decay",
+    "write_model_card",
 ]

@@ -1,4 +1,10 @@
-"""Arguments of `MAETrainer`: the official MAE pretraining recipe, with `TrainingArguments` names where one exists."""
+"""Arguments of the trainers, parsable by `transformers.HfArgumentParser` (command line, JSON or YAML).
+
+`TrainingArguments` holds what the training loop itself needs (batch sizes, schedule, precision, logging, evaluation
+and checkpoint points, resuming, the Hub); `MAETrainingArguments` adds pretraining's fields with the official MAE
+pretraining recipe as defaults, `ClassificationTrainingArguments` fine-tuning's and linear probing's. Names follow
+`transformers.TrainingArguments` where one exists.
+"""
 
 from __future__ import annotations
 
@@ -6,30 +12,33 @@ import importlib.util
 import math
 from dataclasses import asdict, dataclass, field
 
-__all__ = ["MAETrainingArguments"]
+__all__ = ["ClassificationTrainingArguments", "MAETrainingArguments", "TrainingArguments"]
 
 _MIXED_PRECISION = ("no", "fp16", "bf16")
 _HUB_STRATEGIES = ("end", "every_save")
-_NONFINITE = ("error", "skip")
+_NONFINITE = ("error", "skip", "rollback")
+# Without save_steps, checkpoints are written at epoch ends at least this many optimizer steps apart.
+MIN_STEPS_BETWEEN_EPOCH_SAVES = 500
+# The official linear-probing batch; with LARS the scaling rule does not take the rate below this batch's.
+LINEAR_PROBE_REFERENCE_BATCH = 16384
+
+
+def _check_positive_int(owner, names: tuple[str, ...], optional: bool = False) -> None:
+    for name in names:
+        value = getattr(owner, name)
+        if optional and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            accepted = "None (the default) or a positive integer" if optional else "a positive integer"
+            raise ValueError(f"{name} must be {accepted}, got {value!r}.")
 
 
 @dataclass
-class MAETrainingArguments:
-    """Arguments of `MAETrainer`, parsable by `transformers.HfArgumentParser` (command line, JSON or YAML).
+class TrainingArguments:
+    """What the training loop needs, whatever the objective. Defaults: the official MAE pretraining recipe.
 
-    Defaults follow the official MAE pretraining recipe (AdamW with betas (0.9, 0.95), weight decay 0.05, base
-    learning rate 1.5e-4 scaled by global batch / 256, 40 warmup epochs then half-cycle cosine, 800 epochs). The global
-    batch is `per_device_train_batch_size * num_processes * gradient_accumulation_steps`; the official runs use 4096.
-
-    Example:
-
-    ```python
-    from maekit import MAETrainingArguments
-
-    args = MAETrainingArguments(output_dir="out", per_device_train_batch_size=64, gradient_accumulation_steps=4)
-    assert args.global_batch_size(num_processes=16) == 4096
-    assert abs(args.resolved_learning_rate(num_processes=16) - 1.5e-4 * 16) < 1e-12
-    ```
+    The global batch is `per_device_train_batch_size * num_processes * gradient_accumulation_steps`; the learning rate
+    is `learning_rate`, or `base_learning_rate * global batch / 256` (the official scaling rule).
     """
 
     output_dir: str = field(default="outputs/mae", metadata={"help": "Where checkpoints, logs and the model go."})
@@ -83,33 +92,54 @@ class MAETrainingArguments:
     )
     gradient_checkpointing: bool = field(
         default=False,
-        metadata={
-            "help": "Recompute every block in backward: less activation memory for more time "
-            "(ViT-B, CPU: 0.66x step memory, +23% time; docs/performance.md)."
-        },
+        metadata={"help": "Recompute every block in backward: less activation memory for more time."},
     )
     seed: int = field(default=0, metadata={"help": "Seed of the initialisation, data order, augmentations and masks."})
     logging_steps: int = field(default=10, metadata={"help": "Log the training metrics every this many steps."})
     eval_steps: int | None = field(
         default=None, metadata={"help": "Evaluate every this many steps (default: at the end of every epoch)."}
     )
-    eval_on_start: bool = field(
-        default=False, metadata={"help": "Evaluate (and draw reconstructions) before training."}
-    )
+    eval_on_start: bool = field(default=False, metadata={"help": "Evaluate before training."})
     save_steps: int | None = field(
         default=None,
-        metadata={"help": "Save a checkpoint every this many steps (default: at the end of every epoch)."},
+        metadata={
+            "help": "Save a checkpoint every this many steps (default: at the end of epochs, at least "
+            f"{MIN_STEPS_BETWEEN_EPOCH_SAVES} steps apart; always at the end)."
+        },
     )
     save_total_limit: int | None = field(
-        default=None, metadata={"help": "Keep at most this many checkpoints (the oldest are deleted)."}
+        default=2,
+        metadata={"help": "Keep at most this many checkpoints, the newest (None: keep them all)."},
     )
     resume_from_checkpoint: str | None = field(
         default=None,
         metadata={"help": "A checkpoint folder to resume from, or 'latest' for the newest in output_dir."},
     )
+    ignore_resume_mismatch: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume even when the data set or the schedule differ from the checkpoint's (refused otherwise: "
+            "the run would no longer continue the one that was interrupted)."
+        },
+    )
     nonfinite_loss: str = field(
         default="error",
-        metadata={"help": "On a NaN/inf loss: 'error' stops naming the step; 'skip' drops the step and counts it."},
+        metadata={
+            "help": "On a NaN/inf loss or gradient norm: 'error' stops naming the step; 'skip' drops the step and "
+            "counts it; 'rollback' reloads the newest checkpoint and skips the global batches since then. "
+            "'skip' and 'rollback' stop after nonfinite_patience bad steps in a row."
+        },
+    )
+    nonfinite_patience: int = field(
+        default=10,
+        metadata={"help": "With nonfinite_loss 'skip'/'rollback': stop after this many non-finite steps in a row."},
+    )
+    nonfinite_max_fraction: float = field(
+        default=0.1,
+        metadata={
+            "help": "With nonfinite_loss 'skip'/'rollback': stop when more than this fraction of the steps so far "
+            "were non-finite (checked from nonfinite_patience such steps on)."
+        },
     )
     report_to: list[str] = field(
         default_factory=lambda: ["auto"],
@@ -119,9 +149,6 @@ class MAETrainingArguments:
     )
     logging_dir: str | None = field(default=None, metadata={"help": "Tracker folder (default: output_dir/runs)."})
     run_name: str | None = field(default=None, metadata={"help": "Name of the run in the trackers."})
-    num_reconstruction_images: int = field(
-        default=8, metadata={"help": "Fixed evaluation images shown in the reconstruction grid (0: none)."}
-    )
     dataloader_num_workers: int = field(default=0, metadata={"help": "Data loading worker processes per process."})
     dataloader_pin_memory: bool = field(default=True, metadata={"help": "Pin memory when training on CUDA."})
     disable_tqdm: bool = field(default=False, metadata={"help": "Hide the progress bar."})
@@ -134,19 +161,12 @@ class MAETrainingArguments:
     def __post_init__(self):
         if isinstance(self.report_to, str):
             self.report_to = [self.report_to]
-        for name in (
-            "per_device_train_batch_size",
-            "per_device_eval_batch_size",
-            "gradient_accumulation_steps",
-            "logging_steps",
-        ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-        for name in ("eval_steps", "save_steps", "save_total_limit"):  # 0 would silently mean "not set"
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-                raise ValueError(f"{name} must be None (the default) or a positive integer, got {value!r}.")
+        _check_positive_int(
+            self, ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps")
+        )
+        _check_positive_int(self, ("logging_steps", "nonfinite_patience"))
+        # 0 would silently mean "not set": refused.
+        _check_positive_int(self, ("eval_steps", "save_steps", "save_total_limit"), optional=True)
         if self.warmup_steps is not None and (
             isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0
         ):
@@ -168,6 +188,8 @@ class MAETrainingArguments:
             )
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be None (no clipping) or > 0, got {self.max_grad_norm!r}.")
+        if not 0.0 < self.nonfinite_max_fraction <= 1.0:
+            raise ValueError(f"nonfinite_max_fraction must be in (0, 1], got {self.nonfinite_max_fraction!r}.")
         for name, value, accepted in (
             ("mixed_precision", self.mixed_precision, (*_MIXED_PRECISION, None)),
             ("hub_strategy", self.hub_strategy, _HUB_STRATEGIES),
@@ -209,8 +231,127 @@ class MAETrainingArguments:
         warmup = self.warmup_steps if self.warmup_steps is not None else round(self.warmup_epochs * steps_per_epoch)
         return min(warmup, self.total_steps(steps_per_epoch))
 
+    def resolved_save_steps(self, steps_per_epoch: int) -> int:
+        """Optimizer steps between checkpoints: `save_steps`, else whole epochs at least
+        `MIN_STEPS_BETWEEN_EPOCH_SAVES` steps apart."""
+        if self.save_steps is not None:
+            return self.save_steps
+        return steps_per_epoch * math.ceil(MIN_STEPS_BETWEEN_EPOCH_SAVES / steps_per_epoch)
+
     def to_dict(self) -> dict:
         """The arguments as a JSON-serialisable dict (the hub token is left out)."""
         values = asdict(self)
         values.pop("hub_token")
         return values
+
+
+@dataclass
+class MAETrainingArguments(TrainingArguments):
+    """Arguments of `MAETrainer`: every `TrainingArguments` field plus pretraining's own.
+
+    Defaults follow the official MAE pretraining recipe (AdamW with betas (0.9, 0.95), weight decay 0.05, base
+    learning rate 1.5e-4 scaled by global batch / 256, 40 warmup epochs then half-cycle cosine, 800 epochs). The global
+    batch is `per_device_train_batch_size * num_processes * gradient_accumulation_steps`; the official runs use 4096.
+
+    Example:
+
+    ```python
+    from maekit import MAETrainingArguments
+
+    args = MAETrainingArguments(output_dir="out", per_device_train_batch_size=64, gradient_accumulation_steps=4)
+    assert args.global_batch_size(num_processes=16) == 4096
+    assert abs(args.resolved_learning_rate(num_processes=16) - 1.5e-4 * 16) < 1e-12
+    ```
+    """
+
+    num_reconstruction_images: int = field(
+        default=8, metadata={"help": "Fixed evaluation images shown in the reconstruction grid (0: none)."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.num_reconstruction_images, bool) or not isinstance(self.num_reconstruction_images, int):
+            raise ValueError(
+                f"num_reconstruction_images must be an integer >= 0, got {self.num_reconstruction_images!r}."
+            )
+        if self.num_reconstruction_images < 0:
+            raise ValueError(f"num_reconstruction_images must be >= 0, got {self.num_reconstruction_images}.")
+
+
+@dataclass
+class ClassificationTrainingArguments(TrainingArguments):
+    """Arguments of `ClassificationTrainer`: every `TrainingArguments` field, with the official fine-tuning
+    defaults, plus the classification ones below.
+
+    Defaults are the official ViT-B fine-tuning recipe except `layer_decay` (0.75, the official argument default;
+    ViT-B uses 0.65): AdamW (0.9, 0.999), weight decay 0.05, base learning rate 5e-4 scaled by global batch / 256,
+    5 warmup epochs, cosine to `min_lr` 1e-6, 100 epochs, label smoothing 0.1, Mixup 0.8 / CutMix 1.0. For linear
+    probing set `linear_probe=True` with the official probe recipe (`maekit.training.recipes.LINEAR_PROBE`:
+    `base_learning_rate=0.1, weight_decay=0.0, warmup_epochs=10, num_train_epochs=90, min_lr=0.0, mixup=0.0,
+    cutmix=0.0, label_smoothing=0.0`), as `examples/linear_probe.py` does.
+
+    Example:
+
+    ```python
+    from maekit.training import ClassificationTrainingArguments
+
+    args = ClassificationTrainingArguments(output_dir="out", per_device_train_batch_size=128, layer_decay=0.65)
+    assert abs(args.resolved_learning_rate(num_processes=8) - 5e-4 * 4) < 1e-12
+    ```
+    """
+
+    output_dir: str = field(
+        default="outputs/mae-finetune", metadata={"help": "Where checkpoints, logs and the model go."}
+    )
+    num_train_epochs: float = field(default=100.0, metadata={"help": "Epochs to train (ignored if max_steps > 0)."})
+    base_learning_rate: float = field(
+        default=5e-4, metadata={"help": "Base learning rate: lr = base_learning_rate * global batch / 256."}
+    )
+    min_lr: float = field(default=1e-6, metadata={"help": "Learning rate at the end of the cosine schedule."})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2 (fine-tuning)."})
+    warmup_epochs: float = field(default=5.0, metadata={"help": "Epochs of linear learning-rate warmup."})
+    linear_probe: bool = field(
+        default=False,
+        metadata={"help": "Linear probing: freeze the encoder, BatchNorm + Linear head, LARS (else fine-tuning)."},
+    )
+    layer_decay: float = field(
+        default=0.75, metadata={"help": "Layer-wise lr decay (fine-tuning): 0.65 ViT-B, 0.75 ViT-L/H; 1.0 = off."}
+    )
+    label_smoothing: float = field(default=0.1, metadata={"help": "Label smoothing of the targets."})
+    mixup: float = field(default=0.8, metadata={"help": "Mixup alpha; 0 disables mixup."})
+    cutmix: float = field(default=1.0, metadata={"help": "CutMix alpha; 0 disables CutMix."})
+    mixup_prob: float = field(default=1.0, metadata={"help": "Probability of mixing a batch (Mixup or CutMix)."})
+    mixup_switch_prob: float = field(
+        default=0.5, metadata={"help": "Probability of CutMix rather than Mixup when both are enabled."}
+    )
+    save_best_model: bool = field(
+        default=True, metadata={"help": "Keep the model with the best eval top-1 accuracy in output_dir/best."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay!r}.")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}.")
+        if self.mixup < 0 or self.cutmix < 0:
+            raise ValueError(f"mixup and cutmix must be >= 0, got {self.mixup!r} and {self.cutmix!r}.")
+        for name in ("mixup_prob", "mixup_switch_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}.")
+
+    def resolved_learning_rate(self, num_processes: int = 1) -> float:
+        """As `TrainingArguments.resolved_learning_rate`, except that linear probing never scales the rate below the
+        official batch's: `base_learning_rate * max(global batch, 16384) / 256`.
+
+        LARS normalizes every layer's update by its gradient norm, so a rate scaled down to a small batch no longer
+        moves the head in a short run (measured in docs/evaluation.md)."""
+        if self.learning_rate is not None or not self.linear_probe:
+            return super().resolved_learning_rate(num_processes)
+        batch = max(self.global_batch_size(num_processes), LINEAR_PROBE_REFERENCE_BATCH)
+        return self.base_learning_rate * batch / 256
+
+    @property
+    def mixes(self) -> bool:
+        """Whether training batches are mixed (Mixup or CutMix enabled with a non-zero probability)."""
+        return (self.mixup > 0 or self.cutmix > 0) and self.mixup_prob > 0

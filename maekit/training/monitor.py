@@ -13,13 +13,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from ..data import collate_fn
+from ..data import build_dataloader, collate_fn
 from ..evaluation import LinearProbeHead, accuracy, extract_features, knn_accuracy
 
 if TYPE_CHECKING:
-    from .trainer import MAETrainer
+    from .trainer import Trainer
 
 __all__ = ["KNNMonitor"]
 
@@ -123,7 +123,7 @@ class KNNMonitor:
             f"pool={self.pool!r}, linear_probe={self.linear_probe})"
         )
 
-    def __call__(self, trainer: MAETrainer, step: int) -> dict[str, float]:
+    def __call__(self, trainer: Trainer, step: int) -> dict[str, float]:
         """Evaluate the trainer's current encoder; returns `{"knn_acc1"[, "linear_probe_acc1"]}` in percent.
 
         Every process must call it (feature extraction gathers across processes); all return the same values. The
@@ -134,14 +134,16 @@ class KNNMonitor:
         with torch.random.fork_rng(devices=devices):
             return self._evaluate(trainer, step)
 
-    def _evaluate(self, trainer: MAETrainer, step: int) -> dict[str, float]:
+    def _evaluate(self, trainer: Trainer, step: int) -> dict[str, float]:
         accelerator = trainer.accelerator
         if self._loaders is None:
             self._loaders = tuple(
-                accelerator.prepare_data_loader(DataLoader(dataset, batch_size=self.batch_size, collate_fn=collate_fn))
+                accelerator.prepare_data_loader(
+                    build_dataloader(dataset, self.batch_size, shuffle=False, drop_last=False, collate_fn=collate_fn)
+                )
                 for dataset in (self.train_dataset, self.eval_dataset)
             )
-        model = trainer._model_for_inference()
+        model = trainer.model_for_inference()
         train_features, train_labels = extract_features(model, self._loaders[0], self.pool, accelerator)
         eval_features, eval_labels = extract_features(model, self._loaders[1], self.pool, accelerator)
         num_labels = self.num_labels or int(max(train_labels.max(), eval_labels.max())) + 1
