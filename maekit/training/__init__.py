@@ -9,11 +9,12 @@ from .hub import HubAccessError, ModelCard, write_model_card
 from .lars import LARS
 from .layer_decay import param_groups_layer_decay
 from .monitor import KNNMonitor
+from .nonfinite import NonFiniteLossError
 from .optim import create_optimizer, param_groups_weight_decay
 from .pretraining import MAETrainer, PretrainingTask
 from .schedule import cosine_lr_with_warmup
 from .task import StepContext, Task
-from .trainer import NonFiniteLossError, Trainer
+from .trainer import Trainer
 
 __all__ = [
     "LARS",

@@ -23,6 +23,8 @@ import torch
 
 __all__ = [
     "CheckpointWriteError",
+    "load_model_folder",
+    "save_model_folder",
     "Checkpoints",
     "RunSignature",
     "TrainerState",
@@ -275,3 +277,48 @@ class Checkpoints:
             return
         for _, path in complete_checkpoints(self.output_dir)[: -self.save_total_limit]:
             shutil.rmtree(path)
+
+
+def save_model_folder(accelerator, model: torch.nn.Module, folder: Path, task, image_processor=None, checkpoint=False):
+    """`save_pretrained` the (gathered) `model` and the image processor into `folder`; every process must call it.
+
+    `task.exported_state_dict` decides how the model is presented (e.g. a probe head folded); with `checkpoint=True`
+    the tensors a resumed run needs beyond that (`task.training_only_state`) go to `training_only.safetensors`.
+    """
+    from safetensors.torch import save_file
+    from transformers.utils import logging as transformers_logging
+
+    accelerator.wait_for_everyone()
+    # torch.compile (torch_compile=True) prefixes parameter names with `_orig_mod.`; the saved model must not.
+    state_dict = {k.replace("_orig_mod.", ""): v for k, v in accelerator.get_state_dict(model).items()}
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        bars = transformers_logging.is_progress_bar_enabled()
+        transformers_logging.disable_progress_bar()  # its bars would interleave with the training bar
+        try:
+            with task.exported_state_dict(unwrapped, state_dict) as exported:
+                unwrapped.save_pretrained(folder, state_dict=exported)
+        finally:
+            if bars:
+                transformers_logging.enable_progress_bar()
+        if image_processor is not None:
+            image_processor.save_pretrained(folder)
+        extra = task.training_only_state(state_dict) if checkpoint else {}
+        if extra:
+            tensors = {k: v.detach().contiguous().cpu() for k, v in extra.items()}
+            save_file(tensors, folder / TRAINING_ONLY_WEIGHTS_NAME)
+    accelerator.wait_for_everyone()
+
+
+def load_model_folder(model: torch.nn.Module, folder: Path) -> None:
+    """Load a checkpoint's model folder (and the tensors only training needs) into `model` (unwrapped), strictly."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(folder / "model.safetensors"))
+    # Checkpoints of maekit 0.1 hold Accelerate's raw weights: strip the wrappers' prefixes.
+    weights = {k.replace("_orig_mod.", "").removeprefix("module."): v for k, v in weights.items()}
+    expected = model.state_dict()
+    state_dict = {k: v for k, v in weights.items() if k in expected}
+    if (folder / TRAINING_ONLY_WEIGHTS_NAME).is_file():
+        state_dict.update(load_file(str(folder / TRAINING_ONLY_WEIGHTS_NAME)))
+    model.load_state_dict(state_dict, strict=True)

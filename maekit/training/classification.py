@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 from ..augment import Mixup, MixupCollator, one_hot_targets
 from ..evaluation import LinearProbeHead
 from .arguments import ClassificationTrainingArguments
-from .hub import ModelCard
+from .hub import ModelCard, card_hyperparameters, card_results, card_title, public_dataset_name
 from .lars import LARS
 from .layer_decay import param_groups_layer_decay
 from .optim import adamw
@@ -203,9 +203,9 @@ class ClassificationTask(Task):
     def model_card(self, trainer: Trainer) -> ModelCard:
         args, config = trainer.args, trainer.model.config
         recipe = "linear probing (frozen encoder, LARS)" if args.linear_probe else "fine-tuning (AdamW, layer decay)"
-        title = trainer.card_title()
-        on = f" on `{trainer.dataset_name}`" if trainer.public_dataset_name() else ""
-        results = trainer.card_results()
+        title = card_title(trainer)
+        on = f" on `{trainer.dataset_name}`" if public_dataset_name(trainer) else ""
+        results = card_results(trainer)
         if trainer.state.best_step is not None:
             results["best_step"] = trainer.state.best_step
         return ModelCard(
@@ -219,13 +219,13 @@ class ClassificationTask(Task):
             tags=["maekit", "mae", "image-classification"],
             results=results,
             hyperparameters={
-                **trainer.card_hyperparameters(),
+                **card_hyperparameters(trainer),
                 "layer_decay": None if args.linear_probe else args.layer_decay,
                 "label_smoothing": args.label_smoothing,
                 "mixup / cutmix": f"{args.mixup} / {args.cutmix}" if args.mixes else None,
                 "drop_path_rate": config.drop_path_rate,
             },
-            dataset_name=trainer.public_dataset_name(),
+            dataset_name=public_dataset_name(trainer),
         )
 
 

@@ -100,7 +100,24 @@ class StreamPosition:
 
     @classmethod
     def start(cls, num_readers: int, epoch: int = 0) -> StreamPosition:
+        """The start of pass `epoch` for `num_readers` readers."""
         return cls(epoch, [0] * num_readers, [0] * num_readers)
+
+    @classmethod
+    def from_record(cls, record: dict, path, accelerator, num_readers: int) -> StreamPosition:
+        """This process's position in a checkpoint's record, if the run splits the stream the same way."""
+        positions = record.get("stream_positions")
+        if positions is None:
+            raise ValueError(f"Checkpoint {path} is not from a streaming run: it holds no stream position.")
+        num_processes = accelerator.num_processes
+        if len(positions) != num_processes or len(positions[0]["batches"]) != num_readers:
+            raise ValueError(
+                f"Checkpoint {path} was saved by {len(positions)} process(es) reading the stream with "
+                f"{len(positions[0]['batches'])} reader(s) each, this run has {num_processes} process(es) with "
+                f"{num_readers} (max(dataloader_num_workers, 1)); a streamed run resumes with the same split of the "
+                "stream."
+            )
+        return cls(**positions[accelerator.process_index])
 
 
 class StreamBatch(NamedTuple):

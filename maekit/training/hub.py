@@ -12,12 +12,26 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import torch
 import yaml
 from huggingface_hub import HfApi
 
-__all__ = ["HubAccessError", "HubPusher", "ModelCard", "is_local_path", "write_model_card"]
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+__all__ = [
+    "HubAccessError",
+    "HubPusher",
+    "ModelCard",
+    "card_hyperparameters",
+    "card_results",
+    "card_title",
+    "is_local_path",
+    "public_dataset_name",
+    "write_model_card",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -143,3 +157,87 @@ class HubPusher:
     def how_to_push(self) -> str:
         """The command that uploads the output folder by hand."""
         return f"hf upload {self.repo_id or self.requested_repo_id} {self.output_dir} --exclude 'checkpoint-*'"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# What the trainer publishes: the card's common fields, and pushing as a side job of a run
+
+
+def card_title(trainer: Trainer) -> str:
+    """The model card's title: the Hub repo id, else the output folder's name."""
+    return trainer.args.hub_model_id or trainer.output_dir.resolve().name
+
+
+def public_dataset_name(trainer: Trainer) -> str | None:
+    """The trainer's `dataset_name` if it is a Hub id (a local path is never published)."""
+    name = trainer.dataset_name
+    return name if name and not is_local_path(name) else None
+
+
+def card_results(trainer: Trainer) -> dict[str, Any]:
+    """The card's results: the step reached and the last summary metrics."""
+    return {"global_step": trainer.state.global_step, **trainer.last_metrics()}
+
+
+def card_hyperparameters(trainer: Trainer) -> dict[str, Any]:
+    """The loop's hyper-parameters for the card (tasks add their own)."""
+    args, spe = trainer.args, trainer.steps_per_epoch
+    return {
+        "learning_rate": trainer.learning_rate,
+        "global_batch_size": trainer.global_batch_size,
+        "per_device_train_batch_size": args.per_device_train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "num_processes": trainer.accelerator.num_processes,
+        "total_steps": trainer.total_steps,
+        "warmup_steps": args.resolved_warmup_steps(spe),
+        "epochs": None if trainer.streaming else trainer.total_steps / spe,
+        "min_lr": args.min_lr,
+        "weight_decay": args.weight_decay,
+        "max_grad_norm": args.max_grad_norm,
+        "mixed_precision": trainer.accelerator.mixed_precision,
+        "seed": args.seed,
+    }
+
+
+def check_hub_access(trainer: Trainer) -> None:
+    """`HubPusher.check_access` on the main process before training; its error is raised on every process."""
+    accelerator, error = trainer.accelerator, None
+    if accelerator.is_main_process:
+        try:
+            trainer.hub.check_access()
+        except Exception as err:
+            error = err
+    failed = accelerator.reduce(torch.tensor(float(error is not None), device=accelerator.device), "sum")
+    if error is not None:
+        raise error
+    if failed.item() > 0:
+        raise HubAccessError("push_to_hub: the main process cannot access the Hub repository (see its error).")
+
+
+def _write_card(trainer: Trainer) -> None:
+    try:
+        trainer.create_model_card()
+    except Exception as err:  # a side job: the trained model is what matters
+        trainer.warn(f"Could not write the model card: {type(err).__name__}: {err}")
+
+
+def push_snapshot(trainer: Trainer, step: int) -> None:
+    """`hub_strategy="every_save"`: the current model and card into `output_dir`, then a push that only warns."""
+    trainer.save_model(trainer.output_dir)
+    if trainer.accelerator.is_main_process:
+        _write_card(trainer)
+        trainer.hub.push(f"Training in progress, step {step}")
+    trainer.accelerator.wait_for_everyone()
+
+
+def finish_outputs(trainer: Trainer) -> None:
+    """The model card and the final push: side jobs that warn instead of failing the finished run."""
+    if trainer.accelerator.is_main_process:
+        _write_card(trainer)
+        hub = trainer.hub
+        if hub is not None and not hub.push("End of training"):
+            logger.error(
+                f"The model is saved in {trainer.output_dir}, but pushing it to the Hub failed ({len(hub.failures)} "
+                f"failed push(es); last: {hub.failures[-1]}). Push it with: {hub.how_to_push()}"
+            )
+    trainer.accelerator.wait_for_everyone()  # no process leaves (or exits) while the main one is still writing

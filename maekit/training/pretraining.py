@@ -20,7 +20,7 @@ from ..data import sample_rng
 from ..visualize import reconstruction_grid
 from .arguments import MAETrainingArguments
 from .data_order import LOADER_STREAM
-from .hub import ModelCard
+from .hub import ModelCard, card_hyperparameters, card_results, card_title, public_dataset_name
 from .optim import create_optimizer
 from .task import StepContext, Task
 from .trainer import Trainer
@@ -163,8 +163,8 @@ class PretrainingTask(Task):
     def model_card(self, trainer: Trainer) -> ModelCard:
         config, args = trainer.model.config, trainer.args
         (height, width), (p, q) = config.image_hw, config.patch_hw
-        title = trainer.card_title()
-        on = f" on `{trainer.dataset_name}`" if trainer.public_dataset_name() else ""
+        title = card_title(trainer)
+        on = f" on `{trainer.dataset_name}`" if public_dataset_name(trainer) else ""
         images = {}
         if (trainer.output_dir / RECONSTRUCTION_NAME).is_file():
             images["Reconstructions"] = (
@@ -187,14 +187,14 @@ class PretrainingTask(Task):
             ),
             pipeline_tag="image-feature-extraction",
             tags=TAGS,
-            results=trainer.card_results(),
+            results=card_results(trainer),
             hyperparameters={
-                **trainer.card_hyperparameters(),
+                **card_hyperparameters(trainer),
                 "base_learning_rate": None if args.learning_rate is not None else args.base_learning_rate,
                 "optimizer": f"AdamW (betas=({args.adam_beta1}, {args.adam_beta2}), eps={args.adam_epsilon})",
                 "lr_schedule": "linear warmup + half-cycle cosine",
             },
-            dataset_name=trainer.public_dataset_name(),
+            dataset_name=public_dataset_name(trainer),
             images=images,
         )
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -93,7 +93,3 @@ class Task:
     def model_card(self, trainer: Trainer) -> ModelCard:
         """What the model card says about the trained model."""
         raise NotImplementedError
-
-    def model_card_extras(self, trainer: Trainer) -> dict[str, Any]:
-        """Hyper-parameters of the task shown on the card next to the loop's."""
-        return {}

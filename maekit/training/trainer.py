@@ -27,7 +27,6 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, ProjectConfiguration, gather_object, set_seed
-from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset, IterableDataset
 from transformers.trainer_utils import TrainOutput
 
@@ -35,25 +34,22 @@ from ..data import MAEIterableImageDataset, build_dataloader, collate_fn
 from ..image_processing_mae import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from .arguments import TrainingArguments
 from .checkpointing import (
-    TRAINING_ONLY_WEIGHTS_NAME,
     Checkpoints,
     RunSignature,
     TrainerState,
     all_finite,
+    load_model_folder,
+    save_model_folder,
 )
 from .data_order import StreamPosition, epoch_loader, stream_batches
-from .hub import HubPusher, ModelCard, is_local_path, write_model_card
+from .hub import HubPusher, ModelCard, check_hub_access, finish_outputs, push_snapshot, write_model_card
+from .nonfinite import NonFinitePolicy
 from .schedule import cosine_lr_with_warmup
 from .task import StepContext, Task
 
-__all__ = ["NonFiniteLossError", "Trainer"]
+__all__ = ["Trainer"]
 
 logger = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(RuntimeError):
-    """Raised when a training step's loss or gradient norm is NaN or infinite (`nonfinite_loss="error"`), or when
-    `"skip"`/`"rollback"` meet too many such steps, or when the weights stopped being finite."""
 
 
 class _Rollback(Exception):
@@ -107,6 +103,28 @@ def _check_stream(dataset: MAEIterableImageDataset, args: TrainingArguments) -> 
         logger.warning(
             "save_steps is not set: a streaming run (one pass of unknown length) writes its only checkpoint at the "
             "end, so a crash loses it all. Set save_steps."
+        )
+
+
+def configure_deepspeed(accelerator: Accelerator, args: TrainingArguments, global_batch_size: int) -> None:
+    """Fill the "auto" fields of an Accelerate DeepSpeed config that only the trainer knows."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return
+    # DeepSpeed needs the micro-batch size; Accelerate infers it only from prepared data loaders.
+    config = plugin.deepspeed_config
+    if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        config["train_micro_batch_size_per_gpu"] = args.per_device_train_batch_size
+    if config.get("train_batch_size", "auto") == "auto":
+        config["train_batch_size"] = global_batch_size
+    # Clipping is DeepSpeed's own: follow max_grad_norm (off by default, as official) unless the config sets it.
+    if config.get("gradient_clipping", "auto") == "auto":
+        config["gradient_clipping"] = args.max_grad_norm or 0.0
+    accumulation = config.get("gradient_accumulation_steps", "auto")
+    if accumulation != "auto" and accumulation != args.gradient_accumulation_steps:
+        raise ValueError(
+            f"The DeepSpeed config has gradient_accumulation_steps={accumulation} but the trainer was given "
+            f"gradient_accumulation_steps={args.gradient_accumulation_steps}; make them equal (or 'auto')."
         )
 
 
@@ -181,6 +199,7 @@ class Trainer:
             self.accelerator, self.output_dir, args.save_total_limit, args.overwrite_output_dir
         )
         self.checkpoints.use_model_folder(self._load_model_folder)
+        self.nonfinite = NonFinitePolicy(args)
         self.hub = (
             HubPusher(self.output_dir, args.hub_model_id, args.hub_token, args.hub_private_repo)
             if args.push_to_hub
@@ -280,8 +299,8 @@ class Trainer:
                 "only rises. Set warmup_steps (or warmup_epochs) below the run length."
             )
         if self.hub is not None:
-            self._check_hub_access()  # before hours of training, not after
-        self._configure_deepspeed()
+            check_hub_access(self)  # before hours of training, not after
+        configure_deepspeed(accelerator, args, self.global_batch_size)
         self.optimizer = self.task.create_optimizer(self)
         if args.gradient_checkpointing:
             self.model.activation_checkpointing_enable()
@@ -326,7 +345,7 @@ class Trainer:
         self._warn_if_the_loss_did_not_move()
         self._check_weights_finite("the end of training")
         self.save_model(self.output_dir)
-        self._finish_outputs()
+        finish_outputs(self)
         if self.trackers:
             accelerator.end_training()
         training_loss = sum(session_losses) / len(session_losses) if session_losses else float("nan")
@@ -335,7 +354,7 @@ class Trainer:
             "train_loss": training_loss,
             "epoch": self.epoch_at(step),
         }
-        return TrainOutput(step, training_loss, {**metrics, **self._last_metrics()})
+        return TrainOutput(step, training_loss, {**metrics, **self.last_metrics()})
 
     def _micro_batches(self, first_step: int, total_steps: int) -> Iterator[tuple[dict | None, int]]:
         """`(batch, images skipped)` for this process from optimizer step `first_step` on (a batch of None only
@@ -423,7 +442,15 @@ class Trainer:
         loss_value, norm_value = torch.stack([mean_loss, norm]).tolist()
         if not math.isfinite(loss_value) or (not math.isfinite(norm_value) and accelerator.scaler is None):
             optimizer.zero_grad(set_to_none=True)
-            self._on_nonfinite_step(step, loss_value, norm_value, applied=deepspeed)
+            latest = self.checkpoints.latest()
+            epoch = step // self.steps_per_epoch
+            action = self.nonfinite.decide(self.state, step, epoch, loss_value, norm_value, latest, applied=deepspeed)
+            if action == "rollback":
+                raise _Rollback(step)
+            self.warn(
+                f"Skipped step {step + 1}: non-finite loss {loss_value} or gradient norm {norm_value} "
+                f"({self.state.num_nonfinite_steps} skipped so far)."
+            )
             return None
         # With fp16's GradScaler an infinite gradient norm is an overflow: the scaler skips the step and lowers
         # its scale (`optimizer.step` must still run for that).
@@ -435,38 +462,6 @@ class Trainer:
         self._window.losses.append(loss_value)
         self._window.grad_norm = None if grad_norm is None else norm_value
         return loss_value
-
-    def _on_nonfinite_step(self, step: int, loss: float, grad_norm: float, applied: bool = False) -> None:
-        """Count a non-finite step and stop, skip it or roll back as `nonfinite_loss` says (`applied`: DeepSpeed
-        has already applied it, so only stopping is possible)."""
-        state, args = self.state, self.args
-        state.num_nonfinite_steps += 1
-        state.consecutive_nonfinite_steps += 1
-        what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm} (loss {loss})"
-        where = f"step {step + 1} (epoch {step // self.steps_per_epoch})"
-        latest = self.checkpoints.latest()
-        kept = f"the last good checkpoint {latest} is intact" if latest else "no checkpoint had been saved yet"
-        advice = (
-            "Lower the learning rate, enable max_grad_norm or use mixed_precision='bf16', or set "
-            "nonfinite_loss='skip' (drop such steps) or 'rollback' (reload the newest checkpoint and skip the data "
-            "since then)."
-        )
-        if args.nonfinite_loss == "error" or applied:
-            applied_note = " (DeepSpeed had already applied the step)" if applied else ""
-            raise NonFiniteLossError(f"Non-finite training {what} at {where}{applied_note}; {kept}. {advice}")
-        fraction = state.num_nonfinite_steps / max(step + 1, 1)
-        if state.consecutive_nonfinite_steps >= args.nonfinite_patience or (
-            state.num_nonfinite_steps >= args.nonfinite_patience and fraction > args.nonfinite_max_fraction
-        ):
-            raise NonFiniteLossError(
-                f"Too many non-finite steps: {state.num_nonfinite_steps} of {step + 1} "
-                f"({state.consecutive_nonfinite_steps} in a row; limits nonfinite_patience={args.nonfinite_patience}, "
-                f"nonfinite_max_fraction={args.nonfinite_max_fraction}), the last one with {what} at {where}; {kept}. "
-                f"{advice}"
-            )
-        if args.nonfinite_loss == "rollback" and latest is not None:
-            raise _Rollback(step)
-        self.warn(f"Skipped {where}: non-finite {what} ({state.num_nonfinite_steps} skipped so far).")
 
     def _roll_back(self, bad_step: int) -> int:
         """Reload the newest checkpoint and continue after `bad_step`, skipping the global batches in between."""
@@ -503,7 +498,7 @@ class Trainer:
         if last or step % args.resolved_save_steps(spe) == 0:
             self._save_checkpoint(step)
             if self.hub is not None and args.hub_strategy == "every_save":
-                self._push_snapshot(step)
+                push_snapshot(self, step)
 
     def _log_window(self, step: int) -> None:
         window = self._window
@@ -634,7 +629,8 @@ class Trainer:
                 "base_learning_rate), or train for more steps."
             )
 
-    def _last_metrics(self) -> dict[str, float]:
+    def last_metrics(self) -> dict[str, float]:
+        """The last logged value of each of the task's summary metrics."""
         last = {}
         for entry in self.state.log_history:
             for key in self.task.summary_metrics:
@@ -660,26 +656,6 @@ class Trainer:
             f"{kept}; the model goes to {self.output_dir}."
         )
 
-    def _configure_deepspeed(self) -> None:
-        # DeepSpeed needs the micro-batch size; Accelerate infers it only from prepared data loaders.
-        plugin = self.accelerator.state.deepspeed_plugin
-        if plugin is None:
-            return
-        config = plugin.deepspeed_config
-        if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
-            config["train_micro_batch_size_per_gpu"] = self.args.per_device_train_batch_size
-        if config.get("train_batch_size", "auto") == "auto":
-            config["train_batch_size"] = self.global_batch_size
-        # Clipping is DeepSpeed's own: follow max_grad_norm (off by default, as official) unless the config sets it.
-        if config.get("gradient_clipping", "auto") == "auto":
-            config["gradient_clipping"] = self.args.max_grad_norm or 0.0
-        accumulation = config.get("gradient_accumulation_steps", "auto")
-        if accumulation != "auto" and accumulation != self.args.gradient_accumulation_steps:
-            raise ValueError(
-                f"The DeepSpeed config has gradient_accumulation_steps={accumulation} but the trainer was given "
-                f"gradient_accumulation_steps={self.args.gradient_accumulation_steps}; make them equal (or 'auto')."
-            )
-
     # ------------------------------------------------------------------------------------------------------------------
     # Checkpoints
 
@@ -689,12 +665,7 @@ class Trainer:
         finite = all_finite(p.detach() for p in model.parameters())
         finite = self.accelerator.reduce(torch.tensor(float(finite), device=self.accelerator.device), "min")
         if finite.item() < 1:
-            latest = self.checkpoints.latest()
-            kept = f"the last good checkpoint {latest} is intact" if latest else "no checkpoint had been saved yet"
-            raise NonFiniteLossError(
-                f"The weights are not finite at {when} (step {self.state.global_step}): nothing was saved; {kept}. "
-                "Lower the learning rate or enable max_grad_norm."
-            )
+            raise NonFinitePolicy.weights_error(when, self.state.global_step, self.checkpoints.latest())
 
     def _save_checkpoint(self, step: int) -> None:
         self._flush_skipped()  # the checkpoint's count includes images skipped since the last log
@@ -728,7 +699,9 @@ class Trainer:
                 "gradient_accumulation_steps equal to resume (the data order and schedule depend on it)."
             )
         if self.streaming:
-            self._saved_stream_position(record, path)  # the same split of the stream, before anything else
+            StreamPosition.from_record(
+                record, path, self.accelerator, len(self.stream_position.batches)
+            )  # the same split of the stream, before anything else
         differences = self.signature().differences(record)
         if differences and not self.args.ignore_resume_mismatch:
             raise ValueError(
@@ -747,36 +720,15 @@ class Trainer:
         path = Path(path)
         record = self.checkpoints.read_record(path)
         if self.streaming:
-            self.stream_position = self._saved_stream_position(record, path)
+            self.stream_position = StreamPosition.from_record(
+                record, path, self.accelerator, len(self.stream_position.batches)
+            )
         self.accelerator.load_state(str(path))
         self.state = TrainerState.from_record(record)
         self.task.after_resume(self)
 
-    def _saved_stream_position(self, record: dict, path: Path) -> StreamPosition:
-        """This process's stream position in a checkpoint's record, if the run is split the same way."""
-        positions = record.get("stream_positions")
-        num_processes, readers = self.accelerator.num_processes, len(self.stream_position.batches)
-        if positions is None:
-            raise ValueError(f"Checkpoint {path} is not from a streaming run: it holds no stream position.")
-        if len(positions) != num_processes or len(positions[0]["batches"]) != readers:
-            raise ValueError(
-                f"Checkpoint {path} was saved by {len(positions)} process(es) reading the stream with "
-                f"{len(positions[0]['batches'])} reader(s) each, this run has {num_processes} process(es) with "
-                f"{readers} (max(dataloader_num_workers, 1)); a streamed run resumes with the same split of the stream."
-            )
-        return StreamPosition(**positions[self.accelerator.process_index])
-
     def _load_model_folder(self, folder: Path) -> None:
-        """Load a checkpoint's model folder (and the tensors only training needs) into the model being trained."""
-        unwrapped = self.accelerator.unwrap_model(self.wrapped_model if self.wrapped_model is not None else self.model)
-        weights = load_file(str(folder / "model.safetensors"))
-        # Checkpoints of maekit 0.1 hold Accelerate's raw weights: strip the wrappers' prefixes.
-        weights = {k.replace("_orig_mod.", "").removeprefix("module."): v for k, v in weights.items()}
-        expected = unwrapped.state_dict()
-        state_dict = {k: v for k, v in weights.items() if k in expected}
-        if (folder / TRAINING_ONLY_WEIGHTS_NAME).is_file():
-            state_dict.update(load_file(str(folder / TRAINING_ONLY_WEIGHTS_NAME)))
-        unwrapped.load_state_dict(state_dict, strict=True)
+        load_model_folder(self.accelerator.unwrap_model(self.model_for_inference()), folder)
 
     # ------------------------------------------------------------------------------------------------------------------
     # Model, card, Hub
@@ -785,63 +737,9 @@ class Trainer:
         """`save_pretrained` the (gathered) model and the image processor into `folder` (every process must call it).
 
         With `checkpoint=True` the tensors a resumed run needs beyond the model folder are written too."""
-        folder = Path(folder)
-        accelerator = self.accelerator
-        accelerator.wait_for_everyone()
-        model = self.model_for_inference()
-        # torch.compile (torch_compile=True) prefixes parameter names with `_orig_mod.`; the saved model must not.
-        state_dict = {k.replace("_orig_mod.", ""): v for k, v in accelerator.get_state_dict(model).items()}
-        if accelerator.is_main_process:
-            from transformers.utils import logging as transformers_logging
-
-            unwrapped = accelerator.unwrap_model(model)
-            bars = transformers_logging.is_progress_bar_enabled()
-            transformers_logging.disable_progress_bar()  # its bars would interleave with the training bar
-            try:
-                with self.task.exported_state_dict(unwrapped, state_dict) as exported:
-                    unwrapped.save_pretrained(folder, state_dict=exported)
-            finally:
-                if bars:
-                    transformers_logging.enable_progress_bar()
-            if self.image_processor is not None:
-                self.image_processor.save_pretrained(folder)
-            extra = self.task.training_only_state(state_dict) if checkpoint else {}
-            if extra:
-                save_file(
-                    {k: v.detach().contiguous().cpu() for k, v in extra.items()}, folder / TRAINING_ONLY_WEIGHTS_NAME
-                )
-        accelerator.wait_for_everyone()
-
-    def card_title(self) -> str:
-        """The model card's title: the Hub repo id, else the output folder's name."""
-        return self.args.hub_model_id or self.output_dir.resolve().name
-
-    def public_dataset_name(self) -> str | None:
-        """`dataset_name` if it is a Hub id (a local path is never published)."""
-        return self.dataset_name if self.dataset_name and not is_local_path(self.dataset_name) else None
-
-    def card_results(self) -> dict[str, Any]:
-        """The card's results: the step reached and the last summary metrics."""
-        return {"global_step": self.state.global_step, **self._last_metrics()}
-
-    def card_hyperparameters(self) -> dict[str, Any]:
-        """The loop's hyper-parameters for the card (tasks add their own)."""
-        args, spe = self.args, self.steps_per_epoch
-        return {
-            "learning_rate": self.learning_rate,
-            "global_batch_size": self.global_batch_size,
-            "per_device_train_batch_size": args.per_device_train_batch_size,
-            "gradient_accumulation_steps": args.gradient_accumulation_steps,
-            "num_processes": self.accelerator.num_processes,
-            "total_steps": self.total_steps,
-            "warmup_steps": args.resolved_warmup_steps(spe),
-            "epochs": None if self.streaming else self.total_steps / spe,
-            "min_lr": args.min_lr,
-            "weight_decay": args.weight_decay,
-            "max_grad_norm": args.max_grad_norm,
-            "mixed_precision": self.accelerator.mixed_precision,
-            "seed": args.seed,
-        }
+        save_model_folder(
+            self.accelerator, self.model_for_inference(), Path(folder), self.task, self.image_processor, checkpoint
+        )
 
     def create_model_card(self) -> Path:
         """Write `output_dir/README.md` from the task's `ModelCard`."""
@@ -858,43 +756,3 @@ class Trainer:
         if not pusher.push(commit_message):
             raise RuntimeError(f"Pushing {self.output_dir} to {repo_id} failed: {pusher.failures[-1]}")
         return repo_id
-
-    def _check_hub_access(self) -> None:
-        """`HubPusher.check_access` on the main process; its error is raised on every process."""
-        accelerator, error = self.accelerator, None
-        if accelerator.is_main_process:
-            try:
-                self.hub.check_access()
-            except Exception as err:
-                error = err
-        failed = accelerator.reduce(torch.tensor(float(error is not None), device=accelerator.device), "sum")
-        if error is not None:
-            raise error
-        if failed.item() > 0:
-            raise RuntimeError("push_to_hub: the main process cannot access the Hub repository (see its error).")
-
-    def _push_snapshot(self, step: int) -> None:
-        """`hub_strategy="every_save"`: the current model and card into `output_dir`, then a push that only warns."""
-        self.save_model(self.output_dir)
-        if self.accelerator.is_main_process:
-            try:
-                self.create_model_card()
-            except Exception as err:
-                self.warn(f"Could not write the model card: {type(err).__name__}: {err}")
-            self.hub.push(f"Training in progress, step {step}")
-        self.accelerator.wait_for_everyone()
-
-    def _finish_outputs(self) -> None:
-        """The model card and the final push: side jobs that warn instead of failing the finished run."""
-        if self.accelerator.is_main_process:
-            try:
-                self.create_model_card()
-            except Exception as err:
-                self.warn(f"Could not write the model card: {type(err).__name__}: {err}")
-            if self.hub is not None and not self.hub.push("End of training"):
-                logger.error(
-                    f"The model is saved in {self.output_dir}, but pushing it to the Hub failed "
-                    f"({len(self.hub.failures)} failed push(es); last: {self.hub.failures[-1]}). Push it with: "
-                    f"{self.hub.how_to_push()}"
-                )
-        self.accelerator.wait_for_everyone()  # no process leaves (or exits) while the main one is still writing
