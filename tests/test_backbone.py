@@ -1,5 +1,6 @@
 """MAEBackbone: feature maps, the ViTDet simple feature pyramid, loading through AutoBackbone, layer decay."""
 
+import inspect
 import json
 
 import pytest
@@ -16,8 +17,10 @@ from maekit import (
     MAEModel,
 )
 from maekit.convert import to_transformers
+from maekit.segmentation import SegmentationMetric
 from maekit.training.layer_decay import param_groups_layer_decay
 from tests.conftest import TINY
+from tests.test_docs import BLOCK
 
 
 def backbone_config(**overrides):
@@ -237,3 +240,11 @@ def test_layer_decay_groups_of_a_backbone_and_a_model_around_it():
         assert scale_of[f"{prefix}blocks.0.mlp.fc1.weight"] == pytest.approx(0.5**4)
         assert decay_of[f"{prefix}cls_token"] == 0.0 and decay_of[f"{prefix}blocks.0.mlp.fc1.weight"] == 0.05
         assert decay_of[f"{prefix}blocks.0.mlp.fc1.bias"] == 0.0
+
+
+@pytest.mark.parametrize("obj", [MAEBackboneConfig, MAEBackbone, SegmentationMetric], ids=lambda obj: obj.__name__)
+def test_docstring_examples_run(obj):
+    blocks = [code for flags, code in BLOCK.findall(inspect.cleandoc(obj.__doc__)) if "no-run" not in flags]
+    assert blocks
+    for code in blocks:
+        exec(compile(code, f"{obj.__name__} docstring", "exec"), {"__name__": "__docstring__"})

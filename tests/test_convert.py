@@ -593,6 +593,16 @@ def test_cli_model_class_choice(tmp_path):
             "no classification model",
         ),
         (lambda p: save_official(p / "f.pth", official_state_dict("encoder")), ["--to", "official"], ".pth suffix"),
+        (
+            lambda p: (p / "config.json").write_text('{"model_type": "upernet"}') and p,
+            ["--to", "timm"],
+            "MAE backbone, or a UperNet segmentation model",
+        ),
+        (
+            lambda p: (p / "config.json").write_text('{"model_type": "maekit_mae_backbone"}') and p,
+            ["--to", "maekit"],
+            "convert the pretraining folder it was built from",
+        ),
     ],
 )
 def test_cli_clear_errors(tmp_path, capsys, make_source, args, message):
