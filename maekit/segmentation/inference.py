@@ -18,11 +18,15 @@ from .metrics import SegmentationMetric
 __all__ = ["evaluate_segmentation", "slide_inference", "whole_inference"]
 
 
+def _resized(logits: torch.Tensor, size) -> torch.Tensor:
+    """Bilinear resize of (B, C, h, w) logits to `size` (no-op when `size` is None or already the size)."""
+    if size is None or tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+
+
 def _logits(model, pixel_values: torch.Tensor) -> torch.Tensor:
-    logits = model(pixel_values=pixel_values).logits
-    if logits.shape[-2:] != pixel_values.shape[-2:]:
-        logits = F.interpolate(logits, size=pixel_values.shape[-2:], mode="bilinear", align_corners=False)
-    return logits
+    return _resized(model(pixel_values=pixel_values).logits, pixel_values.shape[-2:])
 
 
 @torch.no_grad()
@@ -31,10 +35,7 @@ def whole_inference(model, pixel_values: torch.Tensor, output_size: tuple[int, i
 
     The model is used as it is (call `model.eval()` first for inference).
     """
-    logits = _logits(model, pixel_values)
-    if output_size is not None and tuple(logits.shape[-2:]) != tuple(output_size):
-        logits = F.interpolate(logits, size=tuple(output_size), mode="bilinear", align_corners=False)
-    return logits
+    return _resized(_logits(model, pixel_values), output_size)
 
 
 @torch.no_grad()
@@ -68,10 +69,7 @@ def slide_inference(
                 count = window.new_zeros(1, 1, height, width)
             logits[:, :, top:bottom, left:right] += window
             count[:, :, top:bottom, left:right] += 1
-    logits = logits / count
-    if output_size is not None and tuple(logits.shape[-2:]) != tuple(output_size):
-        logits = F.interpolate(logits, size=tuple(output_size), mode="bilinear", align_corners=False)
-    return logits
+    return _resized(logits / count, output_size)
 
 
 @torch.no_grad()
