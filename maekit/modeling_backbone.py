@@ -164,6 +164,7 @@ class MAEBackbone(BackboneMixin, MAEPreTrainedModel):
 
         config = kwargs.pop("config", None)
         hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))  # the config loading below consumes it
         vit_mae = isinstance(config, ViTMAEConfig) or (
             config is None and transformers_vit_mae_config(pretrained_model_name_or_path, **hub) is not None
         )
@@ -177,6 +178,8 @@ class MAEBackbone(BackboneMixin, MAEPreTrainedModel):
             overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in _CONFIG_FIELDS}
             config = MAEBackboneConfig.from_encoder_config(config, **overrides)
         if vit_mae:
+            if dtype is not None:
+                kwargs["dtype"] = dtype
             return cls._from_vit_mae(pretrained_model_name_or_path, config, **kwargs)
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
 

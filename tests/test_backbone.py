@@ -175,6 +175,7 @@ def test_auto_backbone_from_transformers_vit_mae_folder(tmp_path, tiny_config):
     hidden = pretrained.mae(pixel_values, output_hidden_states=True).hidden_states[2]
     expected = hidden[:, 1:].transpose(1, 2).reshape(1, 32, 4, 4)
     assert torch.allclose(backbone(pixel_values).feature_maps[0], expected, atol=1e-5)
+    assert MAEBackbone.from_pretrained(tmp_path / "vit_mae", dtype=torch.bfloat16).dtype == torch.bfloat16
     # The config alone, for UperNetConfig(backbone_config=...).
     config = MAEBackboneConfig.from_pretrained(tmp_path / "vit_mae", pyramid_scales=[4, 2, 1, 0.5])
     assert config.hidden_size == 32 and config.pyramid_scales == [4, 2, 1, 0.5]
