@@ -4,15 +4,20 @@ Importing maekit registers its classes with transformers' Auto classes.
 """
 
 from transformers import (
+    AutoBackbone,
     AutoConfig,
     AutoImageProcessor,
     AutoModel,
     AutoModelForImageClassification,
     AutoModelForPreTraining,
+    ViTMAEConfig,
 )
 
+from .compat import fix_auto_backbone_local_folders
+from .configuration_backbone import MAEBackboneConfig
 from .configuration_mae import PRESETS, MAEConfig
 from .image_processing_mae import MAEImageProcessor
+from .modeling_backbone import MAEBackbone
 from .modeling_mae import (
     MAEForImageClassification,
     MAEForPreTraining,
@@ -54,6 +59,8 @@ __all__ = [
     "ClassificationTrainer",
     "ClassificationTrainingArguments",
     "KNNMonitor",
+    "MAEBackbone",
+    "MAEBackboneConfig",
     "MAEConfig",
     "MAEForImageClassification",
     "MAEForPreTraining",
@@ -74,3 +81,10 @@ AutoModel.register(MAEConfig, MAEModel, exist_ok=True)
 AutoModelForPreTraining.register(MAEConfig, MAEForPreTraining, exist_ok=True)
 AutoModelForImageClassification.register(MAEConfig, MAEForImageClassification, exist_ok=True)
 AutoImageProcessor.register(MAEConfig, image_processor_classes={"pil": MAEImageProcessor}, exist_ok=True)
+AutoConfig.register(MAEBackboneConfig.model_type, MAEBackboneConfig, exist_ok=True)
+AutoBackbone.register(MAEBackboneConfig, MAEBackbone, exist_ok=True)
+# Any maekit or transformers vit_mae folder is an MAE backbone (`AutoBackbone.register` insists that the config class is
+# the model's own `config_class`; `MAEBackbone.from_pretrained` turns these configs into an `MAEBackboneConfig`).
+AutoBackbone._model_mapping.register(MAEConfig, MAEBackbone, exist_ok=True)
+AutoBackbone._model_mapping.register(ViTMAEConfig, MAEBackbone, exist_ok=True)
+fix_auto_backbone_local_folders()

@@ -842,6 +842,13 @@ def _source_kind(source: str) -> str:
         return "timm"
     kinds = {"vit_mae": "transformers", MAEConfig.model_type: "maekit"}
     model_type = config_dict.get("model_type")
+    if model_type in ("maekit_mae_backbone", "upernet"):
+        raise ValueError(
+            f"{source} is a {model_type!r} folder (an MAE backbone, or a UperNet segmentation model); maekit-convert "
+            "converts MAE encoders, pretraining and classification models only. The folder already loads with "
+            "transformers after `import maekit` (AutoBackbone / AutoModelForSemanticSegmentation); convert the "
+            "pretraining folder it was built from instead."
+        )
     if model_type not in kinds:
         raise ValueError(
             f"{source}: holds a model_type={model_type!r} config; accepted: a transformers 'vit_mae', a maekit "

@@ -273,7 +273,10 @@ class MAEPreTrainedModel(PreTrainedModel):
             init.ones_(module.weight)
             init.zeros_(module.bias)
         elif isinstance(module, nn.Conv2d):  # the patch projection, initialised like a Linear as official
-            init.xavier_uniform_(module.weight.view(module.weight.shape[0], -1))
+            # The view drops the "loaded from the checkpoint" flag the init functions check; without this test a
+            # transformers model holding a maekit one (UperNet + MAEBackbone) re-initialises it after loading.
+            if not getattr(module.weight, "_is_hf_initialized", False):
+                init.xavier_uniform_(module.weight.view(module.weight.shape[0], -1))
             init.zeros_(module.bias)
         elif isinstance(module, MAEModel):
             init.normal_(module.cls_token, std=std)

@@ -646,6 +646,16 @@ def _weights_without_config(p):
         (_with("full", **{"decoder_blocks.0.mlp.fc1.weight": None}), ["--to", "maekit"], "decoder_blocks.0.mlp.fc1"),
         (_maekit_folder_with_corrupt_weights, ["--to", "official"], "weights are not a readable safetensors file"),
         (_with("finetuned"), ["--to", "transformers"], "no classification model"),
+        (
+            lambda p: (p / "config.json").write_text('{"model_type": "upernet"}') and p,
+            ["--to", "timm"],
+            "MAE backbone, or a UperNet segmentation model",
+        ),
+        (
+            lambda p: (p / "config.json").write_text('{"model_type": "maekit_mae_backbone"}') and p,
+            ["--to", "maekit"],
+            "convert the pretraining folder it was built from",
+        ),
     ],
     ids=[
         "nothing",
@@ -662,6 +672,8 @@ def _weights_without_config(p):
         "missing-tensor",
         "corrupt-maekit-weights",
         "classifier-to-transformers",
+        "upernet-folder",
+        "backbone-folder",
     ],
 )
 def test_cli_errors_name_the_file_on_one_line(tmp_path, capsys, make_source, args, message):

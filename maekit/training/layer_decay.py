@@ -43,10 +43,11 @@ def param_groups_layer_decay(
 ) -> list[dict[str, object]]:
     """Optimizer parameter groups with layer-wise learning-rate decay, as the official `param_groups_lrd`.
 
-    Works on an `MAEForImageClassification` (names under `mae.`), an `MAEModel`, or any ViT whose encoder exposes
-    `blocks` (an `nn.ModuleList`) and names its embeddings `cls_token` / `pos_embed` / `patch_embed`. No weight decay
-    goes to 1-D parameters (biases, norm weights) and to the names in `no_weight_decay_list` (matched with or without
-    the `mae.` prefix). Frozen parameters are left out.
+    Works on an `MAEForImageClassification` (names under `mae.`), an `MAEModel`, a model holding an `MAEBackbone`
+    (e.g. `UperNetForSemanticSegmentation`: names under `backbone.mae.`; neck and heads are the top layer), or any ViT
+    whose encoder exposes `blocks` (an `nn.ModuleList`) and names its embeddings `cls_token` / `pos_embed` /
+    `patch_embed`. No weight decay goes to 1-D parameters (biases, norm weights) and to the names in
+    `no_weight_decay_list` (matched with or without the encoder's prefix). Frozen parameters are left out.
 
     The optimizer does not read `lr_scale` itself: the learning-rate schedule sets each group's rate to
     `lr * group["lr_scale"]` at every step, as the official `adjust_learning_rate`.
@@ -69,11 +70,18 @@ def param_groups_layer_decay(
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}.")
     prefix = getattr(model, "base_model_prefix", "")
     encoder = getattr(model, prefix, model) if prefix else model
+    if not isinstance(getattr(encoder, "blocks", None), nn.ModuleList):
+        # An encoder deeper in the model: a segmentation or detection model around an MAEBackbone
+        # (`backbone.mae.blocks`); everything outside it (pyramid, heads) is the top layer.
+        prefix, encoder = next(
+            ((name, m) for name, m in model.named_modules() if isinstance(getattr(m, "blocks", None), nn.ModuleList)),
+            ("", model),
+        )
     blocks = getattr(encoder, "blocks", None)
     if not isinstance(blocks, nn.ModuleList):
         raise TypeError(
             f"{type(model).__name__} has no ViT encoder with a `blocks` ModuleList; layer decay needs one "
-            "(an MAEModel, MAEForImageClassification or a timm-style VisionTransformer)."
+            "(an MAEModel, MAEForImageClassification, a model around an MAEBackbone or a timm-style VisionTransformer)."
         )
     num_layers = len(blocks) + 1
     prefix = f"{prefix}." if encoder is not model else ""
