@@ -14,6 +14,7 @@ import io
 import logging
 import math
 import os
+import re
 import struct
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -517,7 +518,8 @@ class MAEImageDataset(_ImageSource, torch.utils.data.Dataset):
 class MAEIterableImageDataset(_ImageSource, torch.utils.data.IterableDataset):
     """Streaming counterpart of `MAEImageDataset` over a `datasets.IterableDataset` (or any iterable of records).
 
-    Bad images are dropped and counted in the `num_skipped` of the next sample that is yielded. Augmentations use
+    Bad images are dropped and counted in the `num_skipped` of the next sample that is yielded (with tar shards, so
+    are the bad samples the shard reader skipped). Augmentations use
     `sample_rng(seed, epoch, position)` where `position` is the sample's position in the stream seen by this worker,
     interleaved across DataLoader workers (`worker_id + num_workers * k`), so they are reproducible for a given
     number of workers. `datasets` splits the stream's shards between DataLoader workers itself.
@@ -551,6 +553,8 @@ class MAEIterableImageDataset(_ImageSource, torch.utils.data.IterableDataset):
         worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
         epoch, pending_skips = self.epoch, 0
         for position, record in enumerate(self.dataset):
+            if isinstance(record, dict):  # bad samples a shard reader skipped before this record
+                pending_skips += record.pop("__skipped__", 0)
             index = worker_id + num_workers * position
             try:
                 sample = self.load_record(record, sample_rng(self.seed, epoch, index), f"stream item {index}")
@@ -640,49 +644,171 @@ def load_image_dataset(
     label_column: str | None = None,
     train_val_split: float | int | None = None,
     seed: int = 0,
+    shuffle_buffer: int = 1000,
     **load_kwargs: Any,
 ) -> tuple[Any, Any]:
-    """Load a train split and an evaluation split (or `None`) with `datasets`.
+    """Load a train split and an evaluation split (or `None`) with `datasets`, or from tar shards.
 
     Args:
-        name_or_path (`str`, *optional*): a Hub dataset id (e.g. `"cifar10"`), or a local folder of images (read by
-            the `imagefolder` builder; sub-folders become labels). `None` with `data_dir` / `data_files`: image files.
+        name_or_path (`str`, *optional*): what `datasets.load_dataset` takes — a Hub dataset id (`"cifar10"`), a
+            builder name (`"parquet"`, `"imagefolder"`, ... with `data_dir` / `data_files`), or a local folder in any
+            layout it reads (parquet / arrow / json / csv files, a Hub-style `data/train-00000-of-00004.parquet`
+            folder, a folder of images with one sub-folder per class) — plus a `save_to_disk` folder, a single data
+            file or glob (`"images.parquet"`, `"data/*.arrow"`), and WebDataset tar shards: a folder of `.tar` files,
+            a path, URL or brace pattern (`"shards/train-{0000..0099}.tar"`), read by `maekit.shards`.
+            `None` with `data_dir` / `data_files`: image files.
         data_dir, data_files, config_name: passed to `datasets.load_dataset`.
         split (`str`): the training split.
-        streaming (`bool`): return `datasets.IterableDataset`s (nothing is downloaded up front).
+        streaming (`bool`): return `datasets.IterableDataset`s (nothing is downloaded up front). Tar shards are
+            always streamed (a `maekit.shards.ShardedImageDataset`).
         image_column, label_column (`str`, *optional*): checked to exist (found automatically by the datasets).
         train_val_split (`float` or `int`, *optional*): when the dataset has no validation split, hold out this
             fraction (or, for streaming, this number of examples) of the training split for evaluation.
-        seed (`int`): seed of the held-out split.
+        seed (`int`): seed of the held-out split, and of the shard order and shuffle buffer of tar shards.
+        shuffle_buffer (`int`): shuffle buffer of each reader of tar shards.
         **load_kwargs: further `datasets.load_dataset` arguments (`cache_dir`, `revision`, `token`, ...).
 
     Returns:
         `(train, eval)`; `eval` is the dataset's validation split if it has one (`validation`, `val`, `valid`, then
         `test`), else the carved split, else `None`.
-    """
-    import datasets
 
+    Raises:
+        `ValueError` naming the path when it holds no data, or the split is missing or empty.
+    """
+
+    from .shards import ShardedImageDataset, is_shard_pattern
+
+    def shards(urls: Any) -> ShardedImageDataset:
+        return ShardedImageDataset(urls, seed=seed, shuffle_buffer=shuffle_buffer)
+
+    where = name_or_path if name_or_path is not None else data_dir if data_dir is not None else data_files
     if name_or_path is None:
         if data_dir is None and data_files is None:
             raise ValueError("Pass a dataset id or folder (name_or_path), data_dir or data_files.")
         name_or_path = "imagefolder"
-    elif os.path.isdir(name_or_path) and data_dir is None and data_files is None:
-        name_or_path, data_dir = "imagefolder", name_or_path
-    splits = datasets.load_dataset(
-        name_or_path, config_name, data_dir=data_dir, data_files=data_files, streaming=streaming, **load_kwargs
-    )
+    plain = data_dir is None and data_files is None  # a name or path alone: resolve it as datasets would
+    local = plain and "://" not in name_or_path
+    files = _local_files(name_or_path) if local else []
+    if plain and is_shard_pattern(name_or_path):  # local or remote
+        splits = {split: shards(name_or_path)}
+    elif local and os.path.isdir(name_or_path):
+        splits = _load_local_folder(name_or_path, split, streaming, shards, load_kwargs)
+    elif files:
+        builder = _builder_for(files, name_or_path)
+        splits = _load_dataset(where, builder, data_files={split: files}, streaming=streaming, **load_kwargs)
+    else:
+        splits = _load_dataset(
+            where,
+            name_or_path,
+            config_name,
+            data_dir=data_dir,
+            data_files=data_files,
+            streaming=streaming,
+            **load_kwargs,
+        )
     if split not in splits:
-        raise ValueError(f"split={split!r} not found; available splits: {list(splits)}.")
+        raise ValueError(f"split={split!r} not found in {where!r}; available splits: {list(splits)}.")
     train = splits[split]
+    _check_not_empty(train, where, split)
     eval_split = next((name for name in _EVAL_SPLIT_NAMES if name in splits and name != split), None)
     evaluation = splits[eval_split] if eval_split is not None else None
     if evaluation is None and train_val_split is not None:
+        if isinstance(train, ShardedImageDataset):
+            raise ValueError(
+                f"train_val_split cannot carve an evaluation split out of tar shards ({where!r}); write the "
+                "evaluation samples to their own shards (e.g. validation-{0000..0003}.tar)."
+            )
         train, evaluation = _carve_split(train, train_val_split, seed, streaming)
     features = train.features
     if features is not None:
-        _find_column(features, _IMAGE_COLUMN_NAMES, image_column, "image")
-        _find_column(features, _LABEL_COLUMN_NAMES, label_column, "label")
+        try:
+            _find_column(features, _IMAGE_COLUMN_NAMES, image_column, "image")
+            _find_column(features, _LABEL_COLUMN_NAMES, label_column, "label")
+        except ValueError as err:
+            raise ValueError(f"{where!r}: {err}") from err
     return train, evaluation
+
+
+def _local_files(pattern: str) -> list[str]:
+    """The local files a path or glob names (none for a folder, a Hub id or a builder name)."""
+    import glob
+
+    if os.path.isfile(pattern):
+        return [pattern]
+    return sorted(path for path in glob.glob(pattern) if os.path.isfile(path)) if glob.has_magic(pattern) else []
+
+
+def _builder_for(files: Sequence[str], where: str) -> str:
+    """The `datasets` builder that reads `files`, from their extensions (as `datasets.load_dataset(folder)` infers)."""
+    from datasets.packaged_modules import _EXTENSION_TO_MODULE
+
+    builders = {_EXTENSION_TO_MODULE.get(os.path.splitext(path)[1], (None,))[0] for path in files}
+    if None in builders or len(builders) != 1:
+        extensions = sorted({os.path.splitext(path)[1] or "(none)" for path in files})
+        raise ValueError(
+            f"Cannot tell how to read {where!r}: file extensions {extensions} (one kind of data file is needed: "
+            "parquet, arrow, json, csv, tar shards or images)."
+        )
+    return builders.pop()
+
+
+def _load_local_folder(folder: str, split: str, streaming: bool, shards: Callable, load_kwargs: dict) -> dict:
+    """A local folder's splits, resolved as `datasets.load_dataset(folder)` resolves them (file names and
+    sub-folders say the split, extensions the builder); `save_to_disk` folders and tar shards are read too."""
+    import datasets
+    from datasets.data_files import DataFilesDict, EmptyDatasetError, get_data_patterns
+
+    if os.path.isfile(os.path.join(folder, "dataset_dict.json")) or os.path.isfile(os.path.join(folder, "state.json")):
+        loaded = datasets.load_from_disk(folder)
+        loaded = loaded if isinstance(loaded, datasets.DatasetDict) else {split: loaded}
+        return {name: part.to_iterable_dataset() if streaming else part for name, part in loaded.items()}
+    try:
+        files = DataFilesDict.from_patterns(get_data_patterns(folder), base_path=folder)
+    except EmptyDatasetError as err:
+        raise ValueError(
+            f"No data in {folder!r}: it holds no data file (images, parquet, arrow, json, csv or tar)."
+        ) from err
+    if all(path.endswith(".tar") for paths in files.values() for path in paths):
+        return {name: shards(list(paths)) for name, paths in files.items()}
+    return _load_dataset(folder, folder, streaming=streaming, **load_kwargs)
+
+
+def _load_dataset(where: Any, *args: Any, **kwargs: Any) -> Any:
+    """`datasets.load_dataset`, with "no data" failures reported as such, naming `where`."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(*args, **kwargs)
+    except datasets.data_files.EmptyDatasetError as err:
+        raise ValueError(f"No data in {where!r}: {err}.") from err
+    except ValueError as err:
+        if "corresponds to no data" not in str(err):  # datasets' words for a split without a single example
+            raise
+        split = re.search(r'Instruction "([^"]+)"', str(err))
+        split = f"{split.group(1)!r} split" if split else "split"
+        raise ValueError(f"The {split} of {where!r} is empty: its data files hold no example.") from err
+
+
+def _check_not_empty(train: Any, where: Any, split: str) -> None:
+    """Refuse an empty training split by name (rather than failing later on a batch that never comes)."""
+    try:
+        length = len(train)
+    except TypeError:  # a stream: look at its first record, without decoding it
+        import datasets
+
+        if not isinstance(train, datasets.IterableDataset):
+            return  # tar shards check themselves when they are opened
+        stream = train
+        features = train.features
+        if features is not None:
+            column = next((name for name, feature in features.items() if isinstance(feature, datasets.Image)), None)
+            stream = _undecoded(train, column) if column is not None else train
+        length = sum(1 for _ in stream.take(1))
+    if length == 0:
+        raise ValueError(
+            f"The {split!r} split of {where!r} is empty: no example was found (check the path, the file extensions and "
+            "that image folders hold image files)."
+        )
 
 
 def _carve_split(train: Any, train_val_split: float | int, seed: int, streaming: bool) -> tuple[Any, Any]:
