@@ -147,6 +147,7 @@ class _TarCursor:
         self.url = url
         self.file = _open(url, block_size)
         self.position = 0
+        self._last_header: tuple[int, tuple | None] | None = None
 
     def close(self) -> None:
         self.file.close()
@@ -158,18 +159,22 @@ class _TarCursor:
         self.position = offset + len(data)
         return data
 
-    def member(self, offset: int) -> tuple[str, bytes, int] | None:
-        """`(name, data, offset of the next member)` of the file member whose header chain starts at `offset`, or
-        `None` at the end of the archive. Pax and GNU long-name headers are applied; other non-file members skipped.
+    def header(self, offset: int) -> tuple[str, int, int, int] | None:
+        """`(name, data offset, size, offset of the next member)` of the file member whose header chain starts at
+        `offset`, or `None` at the end of the archive. Pax and GNU long-name headers are applied; other non-file
+        members skipped. The last answer is kept: the header that ends a sample is parsed once, not twice.
 
         Raises:
-            `_CorruptHeader` for a header that is not a tar header; `EOFError` for a member cut short.
+            `_CorruptHeader` for a header that is not a tar header; `EOFError` for an extended header cut short.
         """
-        long_name = None
+        if self._last_header is not None and self._last_header[0] == offset:
+            return self._last_header[1]
+        start, long_name = offset, None
         while True:
             block = self._read(offset, _BLOCK)
             if len(block) < _BLOCK or not block.strip(b"\0"):
-                return None  # the end-of-archive zero blocks, or the end of the file
+                found = None  # the end-of-archive zero blocks, or the end of the file
+                break
             try:
                 info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
             except tarfile.HeaderError as err:
@@ -185,15 +190,19 @@ class _TarCursor:
                 elif info.type == tarfile.XHDTYPE:
                     long_name = _pax_path(payload) or long_name
                 continue
-            if not info.isreg():
-                long_name = None
-                continue  # directories, links, global pax headers
-            data = self._read(data_offset, size)
-            if len(data) < size:
-                raise EOFError(
-                    f"{self.url}: member {long_name or info.name!r} is cut short ({len(data)} of {size} bytes)."
-                )
-            return long_name or info.name, data, offset
+            if info.isreg():
+                found = (long_name or info.name, data_offset, size, offset)
+                break
+            long_name = None  # directories, links, global pax headers
+        self._last_header = (start, found)
+        return found
+
+    def data(self, name: str, offset: int, size: int) -> bytes:
+        """The `size` bytes of member `name` at `offset`. Raises `EOFError` when the file ends before."""
+        data = self._read(offset, size)
+        if len(data) < size:
+            raise EOFError(f"{self.url}: member {name!r} is cut short ({len(data)} of {size} bytes).")
+        return data
 
     def resync(self, offset: int) -> int | None:
         """The offset of the next block after `offset` that parses as a tar header (None: none before the end)."""
@@ -371,7 +380,13 @@ class ShardReader:
         key, members = None, {}
         while True:
             try:
-                found = cursor.member(offset)
+                found = cursor.header(offset)
+                if found is not None:
+                    name, data_offset, size, next_offset = found
+                    member_key, extension = _split_key(name)
+                    if key is not None and member_key != key:
+                        break  # the next sample starts at `offset`
+                    data = cursor.data(name, data_offset, size)
             except (_CorruptHeader, EOFError) as err:
                 if key is not None:  # the sample so far is complete as far as can be told; the next call reports it
                     break
@@ -385,12 +400,7 @@ class ShardReader:
                 return None, next_offset, str(err)
             if found is None:
                 break
-            name, data, next_offset = found
-            member_key, extension = _split_key(name)
-            if key is None:
-                key = member_key
-            elif member_key != key:
-                break  # the next sample starts at `offset`
+            key = member_key
             members[extension] = data
             offset = next_offset
         if key is None:
