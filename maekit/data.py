@@ -2,8 +2,8 @@
 
 The train transform is the official one (RandomResizedCrop(scale=(0.2, 1.0), bicubic) + horizontal flip +
 normalize) written without torchvision and made cheap for JPEGs: the decoder is asked for a reduced-scale image
-(`Image.draft`, DCT scaling) when the crop is much larger than the output, the crop and the resize are one
-operation (torch's uint8 antialiased bicubic, or `Image.resize(box=...)` when enlarging), and the conversion to a
+(DCT scaling, `maekit.jpeg_decode`: `simplejpeg` when installed, else `Image.draft`) when the crop is much larger than
+the output, the crop and the resize are one operation (torch's uint8 antialiased bicubic), and the conversion to a
 normalized float tensor is one pass. Every random draw of a sample can come from `sample_rng(seed, epoch, index)`, so a
 resumed run, or a run on another number of processes or workers, sees exactly the same augmentations.
 """
@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from .image_processing_mae import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, MAEImageProcessor, convert_image_mode
+from .jpeg_decode import available_jpeg_decoder, decode_jpeg_scaled, draft_scale
 
 logger = logging.getLogger(__name__)
 
@@ -160,8 +161,13 @@ class MAETrainTransform:
         num_channels (`int`): 3 (RGB) or 1 (grayscale); other modes are converted (see `convert_image_mode`).
         resample (`int`): PIL resampling filter, bicubic as the official code.
         draft (`bool`): let the JPEG decoder produce a reduced-scale image (1/2, 1/4, 1/8) when the crop is much
-            larger than the output; the crop still spans at least 1.5 x `size` after decoding, and the antialiased
-            bicubic does the rest (outputs within ~0.3 grey levels of full-resolution decoding, on average).
+            larger than the output; the crop still spans at least `draft_oversampling` x `size` after decoding, and
+            the antialiased bicubic does the rest (see docs/data.md for the measured difference to full-resolution
+            decoding).
+        draft_oversampling (`float`, >= 1): how much larger than the output the crop stays after a reduced-scale
+            decode (1.5: within ~0.3 grey levels of full-resolution decoding on average; 1.0: fastest).
+        jpeg_decoder (`str`): `"auto"` (`simplejpeg` when installed — `pip install maekit[fast]` — else PIL),
+            `"simplejpeg"` or `"pillow"`. Both are libjpeg-turbo; `simplejpeg` decodes straight into an array.
 
     Call it as `transform(image, generator)`: a PIL image (ideally fresh from `Image.open`, so that `draft` can act)
     and an optional `torch.Generator` (e.g. `sample_rng(seed, epoch, index)`; `None` uses torch's global RNG).
@@ -179,6 +185,8 @@ class MAETrainTransform:
         num_channels: int = 3,
         resample: int = Image.Resampling.BICUBIC,
         draft: bool = True,
+        draft_oversampling: float = _DRAFT_OVERSAMPLING,
+        jpeg_decoder: str = "auto",
     ):
         self.size = _as_hw(size)
         self.scale = _check_crop_scale(scale)
@@ -194,6 +202,11 @@ class MAETrainTransform:
         self.num_channels = num_channels
         self.resample = resample
         self.draft = draft
+        if not (isinstance(draft_oversampling, (int, float)) and draft_oversampling >= 1.0):
+            raise ValueError(f"draft_oversampling must be a number >= 1, got {draft_oversampling!r}.")
+        self.draft_oversampling = float(draft_oversampling)
+        self.jpeg_decoder = jpeg_decoder
+        self._decoder = available_jpeg_decoder(jpeg_decoder)
         # Fused rescale + normalize: x / 255 * (1 / std) - mean / std.
         std_t = torch.tensor(self.std, dtype=torch.float32).view(-1, 1, 1)
         self._scale = 1.0 / (255.0 * std_t)
@@ -210,23 +223,26 @@ class MAETrainTransform:
         left, top, crop_w, crop_h = random_resized_crop_box(width, height, self.scale, self.ratio, generator)
         flip = self.hflip_prob > 0 and float(torch.rand(1, generator=generator)) < self.hflip_prob
         out_h, out_w = self.size
-        if self.draft and image.format in ("JPEG", "MPO"):
-            # Largest DCT reduction that keeps the crop >= 1.5x the output size (a no-op once the image is loaded).
-            reduction = min(crop_w / out_w, crop_h / out_h) / _DRAFT_OVERSAMPLING
-            if reduction >= 2:
-                target = (math.ceil(width / reduction), math.ceil(height / reduction))
-                # For a grayscale model, decode the luma plane only.
-                image.draft("L" if self.num_channels == 1 and image.mode == "RGB" else None, target)
-        # draft() shrinks the image by an integer factor: crop on the decoded pixel grid (the box moves by less than
-        # one decoded pixel, i.e. under 0.25% of the crop's width).
-        sx, sy = image.size[0] / width, image.size[1] / height
+        decoded = image
+        if image.format in ("JPEG", "MPO") and image.tile:  # a JPEG not decoded yet: decode only what is needed
+            # Largest DCT reduction that keeps the crop >= draft_oversampling x the output size.
+            reduction = min(crop_w / out_w, crop_h / out_h) / self.draft_oversampling if self.draft else 1.0
+            decoded = decode_jpeg_scaled(image, draft_scale(reduction), self.num_channels, self._decoder)
+        if isinstance(decoded, Image.Image):
+            decoded = convert_image_mode(decoded, self.num_channels)
+            decoded_w, decoded_h = decoded.size
+        else:  # (H, W, C) uint8 array
+            decoded_h, decoded_w = decoded.shape[:2]
+        # A reduced-scale decode shrinks the image by an integer factor: crop on the decoded pixel grid (the box
+        # moves by less than one decoded pixel, i.e. under 0.25% of the crop's width).
+        sx, sy = decoded_w / width, decoded_h / height
         box = (round(left * sx), round(top * sy), round((left + crop_w) * sx), round((top + crop_h) * sy))
-        image = convert_image_mode(image, self.num_channels)
-        if self.resample == Image.Resampling.BICUBIC and box[2] - box[0] >= out_w and box[3] - box[1] >= out_h:
-            pixels = _downscale_bicubic(image, box, (out_h, out_w))
+        if self.resample == Image.Resampling.BICUBIC:
+            pixels = _crop_resize_bicubic(decoded, box, (out_h, out_w))
         else:
-            image = image.resize((out_w, out_h), resample=self.resample, box=box)
-            pixels = _pil_to_chw(image)
+            if not isinstance(decoded, Image.Image):
+                decoded = Image.fromarray(decoded[..., 0] if self.num_channels == 1 else decoded)
+            pixels = _pil_to_chw(decoded.resize((out_w, out_h), resample=self.resample, box=box))
         if flip:
             pixels = pixels.flip(-1)
         out = pixels.to(torch.float32, memory_format=torch.contiguous_format)
@@ -239,13 +255,17 @@ def _pil_to_chw(image: Image.Image) -> torch.Tensor:
     return pixels.view(image.height, image.width, -1).permute(2, 0, 1)
 
 
-def _downscale_bicubic(image: Image.Image, box: tuple[int, int, int, int], size: tuple[int, int]) -> torch.Tensor:
-    """Crop `box` and shrink it to `size` (H, W) with torch's uint8 antialiased bicubic (PIL's filter, a = -0.5).
-
-    Several times faster than PIL's resampling on one thread; for downscaling both use the same kernel (outputs
-    differ by rounding only). Upscaling stays with PIL, whose bicubic coefficient differs from torch's there.
+def _crop_resize_bicubic(
+    image: Image.Image | np.ndarray, box: tuple[int, int, int, int], size: tuple[int, int]
+) -> torch.Tensor:
+    """Crop `box` of a PIL image or an (H, W, C) uint8 array and resize it to `size` (H, W) with torch's uint8
+    antialiased bicubic: PIL's filter (a = -0.5, widened when shrinking), so the output is PIL's crop-then-resize
+    (torchvision's `resized_crop`) up to rounding, several times faster on one thread, enlarging or shrinking.
     """
-    pixels = _pil_to_chw(image.crop(box))  # (C, h, w): a channels-last memory layout, as the fast kernel wants
+    if isinstance(image, np.ndarray):  # a view of the crop, no copy
+        pixels = torch.from_numpy(image[box[1] : box[3], box[0] : box[2]]).permute(2, 0, 1)
+    else:
+        pixels = _pil_to_chw(image.crop(box))  # (C, h, w): a channels-last memory layout, as the fast kernel wants
     if tuple(pixels.shape[1:]) == size:
         return pixels
     return torch.nn.functional.interpolate(pixels[None], size=size, mode="bicubic", antialias=True)[0]
