@@ -27,6 +27,7 @@ import argparse
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 
 import PIL
@@ -39,7 +40,7 @@ from maekit.jpeg_decode import available_jpeg_decoder
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
 SIZES = {"imagenet 500x375": (500, 375), "photo 1600x1200": (1600, 1200)}
-COLUMNS = ("JPEG size", "KiB/file", "impl", "img/s", "ms/img", "vs torchvision")
+COLUMNS = ("JPEG size", "KiB/file", "impl", "img/s", "ms/img", "img/cpu-s", "vs torchvision")
 TARGETS = {"imagenet 500x375": 2.0, "photo 1600x1200": 3.5}
 # (decoder, draft_oversampling) of each maekit route; the first is MAETrainTransform's default on a plain install.
 ROUTES = (("pillow", 1.5), ("pillow", 1.0), ("simplejpeg", 1.5), ("simplejpeg", 1.0))
@@ -106,12 +107,16 @@ def torchvision_pipeline() -> Callable[[str, int], torch.Tensor] | None:
     return run
 
 
-def _over_files(pipeline: Callable[[str, int], torch.Tensor], paths: list[str], count: int) -> Callable[[], None]:
-    """One timed round: `count` images, cycling over `paths`."""
+def _over_files(
+    pipeline: Callable[[str, int], torch.Tensor], paths: list[str], count: int, cpu_seconds: list[float]
+) -> Callable[[], None]:
+    """One timed round: `count` images, cycling over `paths`; appends the round's CPU time to `cpu_seconds`."""
 
     def go() -> None:
+        start = time.process_time()
         for i in range(count):
             pipeline(paths[i % len(paths)], i)
+        cpu_seconds.append(time.process_time() - start)
 
     return go
 
@@ -144,7 +149,8 @@ def run(args: argparse.Namespace) -> dict:
             paths = make_jpegs(folder, size, args.images)
             count = args.passes * len(paths)
 
-            contenders = {name: _over_files(pipeline, paths, count) for name, pipeline in pipelines.items()}
+            cpu = {name: [] for name in pipelines}
+            contenders = {name: _over_files(pipeline, paths, count, cpu[name]) for name, pipeline in pipelines.items()}
             seconds = time_alternating(contenders, args.rounds, args.warmup, torch.device("cpu"))
             kib = sum(os.path.getsize(p) for p in paths) / len(paths) / 1024
             for name in pipelines:
@@ -155,6 +161,8 @@ def run(args: argparse.Namespace) -> dict:
                     "impl": name,
                     "img/s": 1 / per_image,
                     "ms/img": 1e3 * per_image,
+                    # Per CPU-second of this process: what one core gives when other jobs share the machine.
+                    "img/cpu-s": count / median(cpu[name][args.warmup :]),
                 }
                 if reference is not None:
                     row["vs torchvision"] = f"{paired_ratio(seconds['torchvision'], seconds[name]):.2f}x"

@@ -122,7 +122,10 @@ def run(args: argparse.Namespace) -> dict:
         makers = {name: make for name, make in makers.items() if make is not None}
         assert all(sum(1 for _ in make()) == count for make in makers.values())
         read = time_alternating(
-            {name: _consume(make, None) for name, make in makers.items()}, args.rounds, args.warmup, torch.device("cpu")
+            {name: _consume(make, None) for name, make in makers.items()},
+            args.rounds,
+            args.warmup,
+            torch.device("cpu"),
         )
         full = time_alternating(
             {name: _consume(make, decode) for name, make in makers.items()},

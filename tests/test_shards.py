@@ -155,7 +155,9 @@ def test_resume_seeks_instead_of_rereading(shards, monkeypatch):
     reader.close()
     read = []
     original = TarCursor._read
-    monkeypatch.setattr(TarCursor, "_read", lambda self, offset, size: read.append(size) or original(self, offset, size))
+    monkeypatch.setattr(
+        TarCursor, "_read", lambda self, offset, size: read.append(size) or original(self, offset, size)
+    )
     dataset.reader(epoch=0, state=state)
     # The two buffered samples are fetched again by seeking to them (a header and a payload per member), nothing more.
     # Per sample: two members (header + payload each) and the header after it, which ends the sample.
@@ -292,3 +294,19 @@ def test_remote_urls_go_through_the_same_reader(shards):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_shard_reader_benchmark_runs(tmp_path, monkeypatch, capsys):
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import shard_reader
+
+    out = tmp_path / "shard_reader.json"
+    result = shard_reader.main(
+        ["--shards", "2", "--per-shard", "3", "--rounds", "1", "--warmup", "0", "--output", str(out)]
+    )
+    assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(result["rows"]))
+    assert {"maekit", "datasets"} <= {row["reader"] for row in result["rows"]}
+    assert all(row["read rec/s"] > row["read+decode rec/s"] > 0 and row["resume ms"] > 0 for row in result["rows"])
+    assert "Tar shard readers" in capsys.readouterr().out
