@@ -115,6 +115,12 @@ def test_real_dataloader_workers_read_each_sample_once(shards):
         loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=2, collate_fn=lambda r: r)
         seen += _keys(loader)
     assert Counter(seen) == Counter(keys)
+    # Decoded through the streaming image dataset and maekit's loader: every sample, with its label.
+    from maekit.data import build_dataloader
+
+    stream = MAEIterableImageDataset(ShardedImageDataset(pattern, shuffle_buffer=5), MAETrainTransform(size=8))
+    batches = list(build_dataloader(stream, batch_size=4, num_workers=2, drop_last=False))
+    assert sum(len(b["labels"]) for b in batches) == len(keys) and sum(int(b["num_skipped"]) for b in batches) == 0
 
 
 def test_shuffle_buffer_mixes_shards(shards):
