@@ -48,6 +48,7 @@ __all__ = [
     "expand_shard_urls",
     "is_shard_pattern",
     "main",
+    "shard_pattern",
     "write_shards",
 ]
 
@@ -289,7 +290,8 @@ class ShardReader:
         if shuffle_buffer < 0:
             raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}.")
         self.urls, self.epoch, self.rank, self.world_size = list(urls), epoch, rank, world_size
-        self.seed, self.shuffle_buffer, self.require_label = seed, shuffle_buffer, require_label
+        self.seed, self.shuffle_buffer, self.shuffle_shards = seed, shuffle_buffer, shuffle_shards
+        self.require_label = require_label
         self.block_size = block_size
         order = list(range(len(self.urls)))
         if shuffle_shards:
@@ -309,7 +311,8 @@ class ShardReader:
     # The position -------------------------------------------------------------------------------------------------
 
     def _fingerprint(self) -> str:
-        return hashlib.sha1("\n".join(self.urls).encode()).hexdigest()[:16]
+        """The shard list by file name: the same shards moved to another folder or host still match."""
+        return hashlib.sha1("\n".join(url.rsplit("/", 1)[-1] for url in self.urls).encode()).hexdigest()[:16]
 
     def state_dict(self) -> dict:
         """This reader's exact position after the last record it returned (JSON-serialisable; O(shuffle_buffer))."""
@@ -319,6 +322,9 @@ class ShardReader:
             "epoch": self.epoch,
             "rank": self.rank,
             "world_size": self.world_size,
+            "seed": self.seed,
+            "shuffle_buffer": self.shuffle_buffer,
+            "shuffle_shards": self.shuffle_shards,
             "shard": self._shard,
             "offset": self._offset,
             "samples_seen": self._samples_seen,
@@ -335,13 +341,16 @@ class ShardReader:
             "epoch": self.epoch,
             "rank": self.rank,
             "world_size": self.world_size,
+            "seed": self.seed,
+            "shuffle_buffer": self.shuffle_buffer,
+            "shuffle_shards": self.shuffle_shards,
         }
         different = {key: (state.get(key), value) for key, value in expected.items() if state.get(key) != value}
         if different:
             described = ", ".join(f"{key}: saved {saved!r}, now {now!r}" for key, (saved, now) in different.items())
             raise ValueError(
                 f"This shard reader position belongs to another reader or data set ({described}); resume with the "
-                "same shards, epoch and split (rank, world_size) as the run that saved it."
+                "same shards, epoch, split (rank, world_size), seed and shuffle settings as the run that saved it."
             )
         self._shard, self._offset, self._samples_seen = state["shard"], state["offset"], state["samples_seen"]
         self._rng.bit_generator.state = state["rng"]

@@ -149,6 +149,9 @@ def test_resume_from_a_saved_position_equals_uninterrupted(shards, world_size):
         assert [r["label"] for r in head + tail] == [r["label"] for r in uninterrupted]
     with pytest.raises(ValueError, match="epoch: saved 2, now 3"):
         dataset.reader(epoch=3, rank=rank, world_size=world_size, state=state)
+    other_seed = ShardedImageDataset(pattern, seed=8, shuffle_buffer=6)
+    with pytest.raises(ValueError, match="seed: saved 7, now 8"):
+        other_seed.reader(epoch=2, rank=rank, world_size=world_size, state=state)
 
 
 def test_resume_seeks_instead_of_rereading(shards, monkeypatch):
@@ -168,6 +171,22 @@ def test_resume_seeks_instead_of_rereading(shards, monkeypatch):
     # The two buffered samples are fetched again by seeking to them (a header and a payload per member), nothing more.
     # Per sample: two members (header + payload each) and the header after it, which ends the sample.
     assert len(read) <= 2 * (2 * 2 + 1) and sum(read) < 3 * max(len(_jpeg(i)) for i in range(25)) + 4096
+
+
+def test_a_position_survives_moving_the_shards(shards, tmp_path):
+    import shutil
+
+    pattern, _ = shards
+    reader = ShardedImageDataset(pattern, shuffle_buffer=4).reader(epoch=1)
+    head = [next(reader) for _ in range(9)]
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(pattern.rsplit("/", 1)[0], moved)
+    tail = list(
+        ShardedImageDataset(str(moved / "train-{0000..0004}.tar"), shuffle_buffer=4).reader(
+            epoch=1, state=reader.state_dict()
+        )
+    )
+    assert _keys(head + tail) == _keys(ShardedImageDataset(pattern, shuffle_buffer=4).reader(epoch=1))
 
 
 def test_bad_samples_inside_shards_are_skipped_and_counted(tmp_path):
