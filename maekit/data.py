@@ -332,10 +332,10 @@ def decode_image(value: Any, max_image_pixels: int | None = None) -> Image.Image
     if isinstance(value, (bytes, bytearray, memoryview)):
         image = Image.open(io.BytesIO(value))
     elif isinstance(value, (str, os.PathLike)):
-        image = Image.open(value)
+        image = _open_file(value)
     elif isinstance(value, Image.Image):
         if getattr(value, "fp", None) is not None and getattr(value, "filename", ""):
-            image = Image.open(value.filename)  # a fresh lazy handle: draft() must never shrink the caller's image
+            image = _open_file(value.filename)  # a fresh lazy handle: draft() must never shrink the caller's image
         else:
             image = value
     elif isinstance(value, np.ndarray):
@@ -350,6 +350,13 @@ def decode_image(value: Any, max_image_pixels: int | None = None) -> Image.Image
             f"{name}: {image.size[0]}x{image.size[1]} pixels exceeds max_image_pixels={limit} (decompression bomb guard)."
         )
     return image
+
+
+def _open_file(path: str | os.PathLike) -> Image.Image:
+    """A lazily decoded image over the file's bytes in memory: no file stays open when a decoder other than PIL's
+    reads those bytes and the image is never loaded."""
+    with open(path, "rb") as file:
+        return Image.open(io.BytesIO(file.read()))
 
 
 def _source_name(value: Any) -> str:

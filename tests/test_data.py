@@ -514,3 +514,19 @@ def test_iterable_dataset_over_plain_paths(tmp_path):
         Image.new("RGB", (40, 40), (i * 80, 0, 0)).save(paths[-1])
     samples = list(MAEIterableImageDataset(paths, MAETrainTransform(size=32), seed=0))
     assert len(samples) == 3 and samples[0]["pixel_values"].shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_decoding_a_file_leaves_no_file_open(tmp_path, decoder):
+    import gc
+    import warnings
+
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(_jpeg_bytes(_photo(300, 200)))
+    transform = MAETrainTransform(size=16, jpeg_decoder=decoder)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for index in range(3):
+            transform(decode_image(str(path)), sample_rng(0, 0, index))
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
