@@ -314,8 +314,8 @@ class ShardReader:
         """The shard list by file name: the same shards moved to another folder or host still match."""
         return hashlib.sha1("\n".join(url.rsplit("/", 1)[-1] for url in self.urls).encode()).hexdigest()[:16]
 
-    def state_dict(self) -> dict:
-        """This reader's exact position after the last record it returned (JSON-serialisable; O(shuffle_buffer))."""
+    def _identity(self) -> dict:
+        """What a saved position must share with the reader that restores it."""
         return {
             "version": _STATE_VERSION,
             "shards": self._fingerprint(),
@@ -325,6 +325,12 @@ class ShardReader:
             "seed": self.seed,
             "shuffle_buffer": self.shuffle_buffer,
             "shuffle_shards": self.shuffle_shards,
+        }
+
+    def state_dict(self) -> dict:
+        """This reader's exact position after the last record it returned (JSON-serialisable; O(shuffle_buffer))."""
+        return {
+            **self._identity(),
             "shard": self._shard,
             "offset": self._offset,
             "samples_seen": self._samples_seen,
@@ -335,16 +341,7 @@ class ShardReader:
         }
 
     def _load_state(self, state: dict) -> None:
-        expected = {
-            "version": _STATE_VERSION,
-            "shards": self._fingerprint(),
-            "epoch": self.epoch,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "seed": self.seed,
-            "shuffle_buffer": self.shuffle_buffer,
-            "shuffle_shards": self.shuffle_shards,
-        }
+        expected = self._identity()
         different = {key: (state.get(key), value) for key, value in expected.items() if state.get(key) != value}
         if different:
             described = ", ".join(f"{key}: saved {saved!r}, now {now!r}" for key, (saved, now) in different.items())
