@@ -5,16 +5,20 @@ Both pipelines read the same JPEG files from disk and produce normalized (3, 224
 - torchvision (as the official MAE code and transformers' run_mae.py): ImageFolder's loader (`Image.open` +
   `convert("RGB")`), `RandomResizedCrop(224, scale=(0.2, 1.0), interpolation=BICUBIC)`, `RandomHorizontalFlip()`,
   `ToTensor()`, `Normalize(ImageNet mean, std)`.
-- maekit: `decode_image` + `MAETrainTransform()` (same crop distribution, crop-aware JPEG decoding).
+- maekit, one row per decode route: `decode_image` + `MAETrainTransform(jpeg_decoder=..., draft_oversampling=...)`
+  (same crop boxes; `pillow` = PIL's libjpeg-turbo with `Image.draft`, `simplejpeg` = libjpeg-turbo decoding straight
+  into an array, when installed; oversampling 1.5 = the default, 1.0 = the fastest reduced-scale decode).
 
 The JPEGs (quality 90) are made from scikit-image's bundled photos: ~500x375 (ImageNet-like) and 1600x1200
 (photo-sized: 2x2 tiles of upscaled photos, so the detail density stays that of a photo). Pipelines alternate within
-each round of the same run, one thread each (as a DataLoader worker); the table reports medians over rounds.
+each round of the same run, one thread each (as a DataLoader worker); the table reports medians over rounds, and
+"vs torchvision" is the median over rounds of the per-round ratio (steadier than a ratio of medians on a shared machine).
 
     python benchmarks/data_pipeline.py --output data_pipeline.json
     python benchmarks/data_pipeline.py --rounds 3 --images 4      # quicker
 
-torchvision is optional (`pip install maekit[benchmark]`); without it only the maekit column is measured.
+torchvision is optional (`pip install maekit[benchmark]`); without it only the maekit rows are measured.
+simplejpeg is optional too (`pip install maekit[fast]`); without it only the pillow routes are measured.
 """
 
 from __future__ import annotations
@@ -23,19 +27,23 @@ import argparse
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 
 import PIL
 import torch
-from common import configure_threads, format_table, machine_info, median, time_alternating, write_json
+from common import configure_threads, format_table, machine_info, median, paired_ratio, time_alternating, write_json
 from PIL import Image
 
 from maekit.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, MAETrainTransform, decode_image, sample_rng
+from maekit.jpeg_decode import available_jpeg_decoder
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
 SIZES = {"imagenet 500x375": (500, 375), "photo 1600x1200": (1600, 1200)}
-COLUMNS = ("JPEG size", "KiB/file", "impl", "img/s", "ms/img", "vs torchvision")
-TARGETS = {"imagenet 500x375": 1.3, "photo 1600x1200": 2.0}
+COLUMNS = ("JPEG size", "KiB/file", "impl", "img/s", "ms/img", "img/cpu-s", "vs torchvision")
+TARGETS = {"imagenet 500x375": 2.0, "photo 1600x1200": 3.5}
+# (decoder, draft_oversampling) of each maekit route; the first is MAETrainTransform's default on a plain install.
+ROUTES = (("pillow", 1.5), ("pillow", 1.0), ("simplejpeg", 1.5), ("simplejpeg", 1.0))
 
 
 def _fit(photo: Image.Image, width: int, height: int) -> Image.Image:
@@ -67,8 +75,8 @@ def make_jpegs(folder: str, size: tuple[int, int], count: int) -> list[str]:
     return paths
 
 
-def maekit_pipeline() -> Callable[[str, int], torch.Tensor]:
-    transform = MAETrainTransform(224, scale=(0.2, 1.0))
+def maekit_pipeline(decoder: str = "auto", oversampling: float = 1.5) -> Callable[[str, int], torch.Tensor]:
+    transform = MAETrainTransform(224, scale=(0.2, 1.0), jpeg_decoder=decoder, draft_oversampling=oversampling)
 
     def run(path: str, index: int) -> torch.Tensor:
         return transform(decode_image(path), sample_rng(0, 0, index))
@@ -99,12 +107,16 @@ def torchvision_pipeline() -> Callable[[str, int], torch.Tensor] | None:
     return run
 
 
-def _over_files(pipeline: Callable[[str, int], torch.Tensor], paths: list[str], count: int) -> Callable[[], None]:
-    """One timed round: `count` images, cycling over `paths`."""
+def _over_files(
+    pipeline: Callable[[str, int], torch.Tensor], paths: list[str], count: int, cpu_seconds: list[float]
+) -> Callable[[], None]:
+    """One timed round: `count` images, cycling over `paths`; appends the round's CPU time to `cpu_seconds`."""
 
     def go() -> None:
+        start = time.process_time()
         for i in range(count):
             pipeline(paths[i % len(paths)], i)
+        cpu_seconds.append(time.process_time() - start)
 
     return go
 
@@ -115,14 +127,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=14, help="JPEG files per size")
     parser.add_argument("--passes", type=int, default=2, help="passes over the files per round and pipeline")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
-    parser.add_argument("--no-torchvision", action="store_true", help="measure the maekit column only")
+    parser.add_argument("--no-torchvision", action="store_true", help="measure the maekit rows only")
     parser.add_argument("--output", default=None, help="write the result as JSON to this path")
     return parser.parse_args(argv)
 
 
 def run(args: argparse.Namespace) -> dict:
     threads = configure_threads(1)  # a DataLoader worker runs one thread
-    pipelines = {"maekit": maekit_pipeline()}
+    fast = available_jpeg_decoder("auto") == "simplejpeg"
+    pipelines = {
+        f"maekit {decoder} {oversampling}": maekit_pipeline(decoder, oversampling)
+        for decoder, oversampling in ROUTES
+        if fast or decoder == "pillow"
+    }
     reference = None if args.no_torchvision else torchvision_pipeline()
     if reference is not None:
         pipelines["torchvision"] = reference
@@ -132,23 +149,24 @@ def run(args: argparse.Namespace) -> dict:
             paths = make_jpegs(folder, size, args.images)
             count = args.passes * len(paths)
 
-            contenders = {name: _over_files(pipeline, paths, count) for name, pipeline in pipelines.items()}
+            cpu = {name: [] for name in pipelines}
+            contenders = {name: _over_files(pipeline, paths, count, cpu[name]) for name, pipeline in pipelines.items()}
             seconds = time_alternating(contenders, args.rounds, args.warmup, torch.device("cpu"))
             kib = sum(os.path.getsize(p) for p in paths) / len(paths) / 1024
             for name in pipelines:
                 per_image = median(seconds[name]) / count
-                rows.append(
-                    {
-                        "JPEG size": label,
-                        "KiB/file": kib,
-                        "impl": name,
-                        "img/s": 1 / per_image,
-                        "ms/img": 1e3 * per_image,
-                    }
-                )
-            if reference is not None:
-                ours, theirs = rows[-2], rows[-1]
-                ours["vs torchvision"] = f"{ours['img/s'] / theirs['img/s']:.2f}x"
+                row = {
+                    "JPEG size": label,
+                    "KiB/file": kib,
+                    "impl": name,
+                    "img/s": 1 / per_image,
+                    "ms/img": 1e3 * per_image,
+                    # Per CPU-second of this process: what one core gives when other jobs share the machine.
+                    "img/cpu-s": count / median(cpu[name][args.warmup :]),
+                }
+                if reference is not None:
+                    row["vs torchvision"] = f"{paired_ratio(seconds['torchvision'], seconds[name]):.2f}x"
+                rows.append(row)
     try:
         import torchvision
 
@@ -170,9 +188,19 @@ def run(args: argparse.Namespace) -> dict:
             "threads": threads,
             "pillow": PIL.__version__,
             "torchvision": torchvision_version,
+            "simplejpeg": _version("simplejpeg"),
         },
         "rows": rows,
     }
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -188,9 +216,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         f"median of {args.rounds} alternating rounds of {args.passes} x {args.images} files"
     )
     if machine["torchvision"] is None:
-        print(
-            "torchvision is not installed (or --no-torchvision): maekit column only (pip install maekit[benchmark])."
-        )
+        print("torchvision is not installed (or --no-torchvision): maekit rows only (pip install maekit[benchmark]).")
     print(format_table(result["rows"], COLUMNS))
     return result
 

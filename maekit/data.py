@@ -2,8 +2,8 @@
 
 The train transform is the official one (RandomResizedCrop(scale=(0.2, 1.0), bicubic) + horizontal flip +
 normalize) written without torchvision and made cheap for JPEGs: the decoder is asked for a reduced-scale image
-(`Image.draft`, DCT scaling) when the crop is much larger than the output, the crop and the resize are one
-operation (torch's uint8 antialiased bicubic, or `Image.resize(box=...)` when enlarging), and the conversion to a
+(DCT scaling, `maekit.jpeg_decode`: `simplejpeg` when installed, else `Image.draft`) when the crop is much larger than
+the output, the crop and the resize are one operation (torch's uint8 antialiased bicubic), and the conversion to a
 normalized float tensor is one pass. Every random draw of a sample can come from `sample_rng(seed, epoch, index)`, so a
 resumed run, or a run on another number of processes or workers, sees exactly the same augmentations.
 """
@@ -14,6 +14,7 @@ import io
 import logging
 import math
 import os
+import re
 import struct
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -24,6 +25,7 @@ import torch
 from PIL import Image
 
 from .image_processing_mae import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, MAEImageProcessor, convert_image_mode
+from .jpeg_decode import available_jpeg_decoder, decode_jpeg_scaled, draft_scale
 
 logger = logging.getLogger(__name__)
 
@@ -159,8 +161,13 @@ class MAETrainTransform:
         num_channels (`int`): 3 (RGB) or 1 (grayscale); other modes are converted (see `convert_image_mode`).
         resample (`int`): PIL resampling filter, bicubic as the official code.
         draft (`bool`): let the JPEG decoder produce a reduced-scale image (1/2, 1/4, 1/8) when the crop is much
-            larger than the output; the crop still spans at least 1.5 x `size` after decoding, and the antialiased
-            bicubic does the rest (outputs within ~0.3 grey levels of full-resolution decoding, on average).
+            larger than the output; the crop still spans at least `draft_oversampling` x `size` after decoding, and
+            the antialiased bicubic does the rest (see docs/data.md for the measured difference to full-resolution
+            decoding).
+        draft_oversampling (`float`, >= 1): how much larger than the output the crop stays after a reduced-scale
+            decode (1.5: within ~0.3 grey levels of full-resolution decoding on average; 1.0: fastest).
+        jpeg_decoder (`str`): `"auto"` (`simplejpeg` when installed — `pip install maekit[fast]` — else PIL),
+            `"simplejpeg"` or `"pillow"`. Both are libjpeg-turbo; `simplejpeg` decodes straight into an array.
 
     Call it as `transform(image, generator)`: a PIL image (ideally fresh from `Image.open`, so that `draft` can act)
     and an optional `torch.Generator` (e.g. `sample_rng(seed, epoch, index)`; `None` uses torch's global RNG).
@@ -178,6 +185,8 @@ class MAETrainTransform:
         num_channels: int = 3,
         resample: int = Image.Resampling.BICUBIC,
         draft: bool = True,
+        draft_oversampling: float = _DRAFT_OVERSAMPLING,
+        jpeg_decoder: str = "auto",
     ):
         self.size = _as_hw(size)
         self.scale = _check_crop_scale(scale)
@@ -193,6 +202,11 @@ class MAETrainTransform:
         self.num_channels = num_channels
         self.resample = resample
         self.draft = draft
+        if not (isinstance(draft_oversampling, (int, float)) and draft_oversampling >= 1.0):
+            raise ValueError(f"draft_oversampling must be a number >= 1, got {draft_oversampling!r}.")
+        self.draft_oversampling = float(draft_oversampling)
+        self.jpeg_decoder = jpeg_decoder
+        self._decoder = available_jpeg_decoder(jpeg_decoder)
         # Fused rescale + normalize: x / 255 * (1 / std) - mean / std.
         std_t = torch.tensor(self.std, dtype=torch.float32).view(-1, 1, 1)
         self._scale = 1.0 / (255.0 * std_t)
@@ -209,23 +223,26 @@ class MAETrainTransform:
         left, top, crop_w, crop_h = random_resized_crop_box(width, height, self.scale, self.ratio, generator)
         flip = self.hflip_prob > 0 and float(torch.rand(1, generator=generator)) < self.hflip_prob
         out_h, out_w = self.size
-        if self.draft and image.format in ("JPEG", "MPO"):
-            # Largest DCT reduction that keeps the crop >= 1.5x the output size (a no-op once the image is loaded).
-            reduction = min(crop_w / out_w, crop_h / out_h) / _DRAFT_OVERSAMPLING
-            if reduction >= 2:
-                target = (math.ceil(width / reduction), math.ceil(height / reduction))
-                # For a grayscale model, decode the luma plane only.
-                image.draft("L" if self.num_channels == 1 and image.mode == "RGB" else None, target)
-        # draft() shrinks the image by an integer factor: crop on the decoded pixel grid (the box moves by less than
-        # one decoded pixel, i.e. under 0.25% of the crop's width).
-        sx, sy = image.size[0] / width, image.size[1] / height
+        decoded = image
+        if image.format in ("JPEG", "MPO") and image.tile:  # a JPEG not decoded yet: decode only what is needed
+            # Largest DCT reduction that keeps the crop >= draft_oversampling x the output size.
+            reduction = min(crop_w / out_w, crop_h / out_h) / self.draft_oversampling if self.draft else 1.0
+            decoded = decode_jpeg_scaled(image, draft_scale(reduction), self.num_channels, self._decoder)
+        if isinstance(decoded, Image.Image):
+            decoded = convert_image_mode(decoded, self.num_channels)
+            decoded_w, decoded_h = decoded.size
+        else:  # (H, W, C) uint8 array
+            decoded_h, decoded_w = decoded.shape[:2]
+        # A reduced-scale decode shrinks the image by an integer factor: crop on the decoded pixel grid (the box
+        # moves by less than one decoded pixel, i.e. under 0.25% of the crop's width).
+        sx, sy = decoded_w / width, decoded_h / height
         box = (round(left * sx), round(top * sy), round((left + crop_w) * sx), round((top + crop_h) * sy))
-        image = convert_image_mode(image, self.num_channels)
-        if self.resample == Image.Resampling.BICUBIC and box[2] - box[0] >= out_w and box[3] - box[1] >= out_h:
-            pixels = _downscale_bicubic(image, box, (out_h, out_w))
+        if self.resample == Image.Resampling.BICUBIC:
+            pixels = _crop_resize_bicubic(decoded, box, (out_h, out_w))
         else:
-            image = image.resize((out_w, out_h), resample=self.resample, box=box)
-            pixels = _pil_to_chw(image)
+            if not isinstance(decoded, Image.Image):
+                decoded = Image.fromarray(decoded[..., 0] if self.num_channels == 1 else decoded)
+            pixels = _pil_to_chw(decoded.resize((out_w, out_h), resample=self.resample, box=box))
         if flip:
             pixels = pixels.flip(-1)
         out = pixels.to(torch.float32, memory_format=torch.contiguous_format)
@@ -238,13 +255,17 @@ def _pil_to_chw(image: Image.Image) -> torch.Tensor:
     return pixels.view(image.height, image.width, -1).permute(2, 0, 1)
 
 
-def _downscale_bicubic(image: Image.Image, box: tuple[int, int, int, int], size: tuple[int, int]) -> torch.Tensor:
-    """Crop `box` and shrink it to `size` (H, W) with torch's uint8 antialiased bicubic (PIL's filter, a = -0.5).
-
-    Several times faster than PIL's resampling on one thread; for downscaling both use the same kernel (outputs
-    differ by rounding only). Upscaling stays with PIL, whose bicubic coefficient differs from torch's there.
+def _crop_resize_bicubic(
+    image: Image.Image | np.ndarray, box: tuple[int, int, int, int], size: tuple[int, int]
+) -> torch.Tensor:
+    """Crop `box` of a PIL image or an (H, W, C) uint8 array and resize it to `size` (H, W) with torch's uint8
+    antialiased bicubic: PIL's filter (a = -0.5, widened when shrinking), so the output is PIL's crop-then-resize
+    (torchvision's `resized_crop`) up to rounding, several times faster on one thread, enlarging or shrinking.
     """
-    pixels = _pil_to_chw(image.crop(box))  # (C, h, w): a channels-last memory layout, as the fast kernel wants
+    if isinstance(image, np.ndarray):  # a view of the crop, no copy
+        pixels = torch.from_numpy(image[box[1] : box[3], box[0] : box[2]]).permute(2, 0, 1)
+    else:
+        pixels = _pil_to_chw(image.crop(box))  # (C, h, w): a channels-last memory layout, as the fast kernel wants
     if tuple(pixels.shape[1:]) == size:
         return pixels
     return torch.nn.functional.interpolate(pixels[None], size=size, mode="bicubic", antialias=True)[0]
@@ -311,10 +332,10 @@ def decode_image(value: Any, max_image_pixels: int | None = None) -> Image.Image
     if isinstance(value, (bytes, bytearray, memoryview)):
         image = Image.open(io.BytesIO(value))
     elif isinstance(value, (str, os.PathLike)):
-        image = Image.open(value)
+        image = _open_file(value)
     elif isinstance(value, Image.Image):
         if getattr(value, "fp", None) is not None and getattr(value, "filename", ""):
-            image = Image.open(value.filename)  # a fresh lazy handle: draft() must never shrink the caller's image
+            image = _open_file(value.filename)  # a fresh lazy handle: draft() must never shrink the caller's image
         else:
             image = value
     elif isinstance(value, np.ndarray):
@@ -329,6 +350,13 @@ def decode_image(value: Any, max_image_pixels: int | None = None) -> Image.Image
             f"{name}: {image.size[0]}x{image.size[1]} pixels exceeds max_image_pixels={limit} (decompression bomb guard)."
         )
     return image
+
+
+def _open_file(path: str | os.PathLike) -> Image.Image:
+    """A lazily decoded image over the file's bytes in memory: no file stays open when a decoder other than PIL's
+    reads those bytes and the image is never loaded."""
+    with open(path, "rb") as file:
+        return Image.open(io.BytesIO(file.read()))
 
 
 def _source_name(value: Any) -> str:
@@ -542,7 +570,8 @@ class MAEImageDataset(_ImageSource, torch.utils.data.Dataset):
 class MAEIterableImageDataset(_ImageSource, torch.utils.data.IterableDataset):
     """Streaming counterpart of `MAEImageDataset` over a `datasets.IterableDataset` (or any iterable of records).
 
-    Bad images are dropped and counted in the `num_skipped` of the next sample that is yielded. Augmentations use
+    Bad images are dropped and counted in the `num_skipped` of the next sample that is yielded (with tar shards, so
+    are the bad samples the shard reader skipped). Augmentations use
     `sample_rng(seed, epoch, position)` where `position` is the sample's position in the stream seen by this worker,
     interleaved across DataLoader workers (`worker_id + num_workers * k`), so they are reproducible for a given
     number of workers. `datasets` splits the stream's shards between DataLoader workers itself.
@@ -576,6 +605,8 @@ class MAEIterableImageDataset(_ImageSource, torch.utils.data.IterableDataset):
         worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
         epoch, pending_skips = self.epoch, 0
         for position, record in enumerate(self.dataset):
+            if isinstance(record, dict):  # bad samples a shard reader skipped before this record
+                pending_skips += record.pop("__skipped__", 0)
             index = worker_id + num_workers * position
             try:
                 sample = self.load_record(record, sample_rng(self.seed, epoch, index), f"stream item {index}")
@@ -696,49 +727,171 @@ def load_image_dataset(
     label_column: str | None = None,
     train_val_split: float | int | None = None,
     seed: int = 0,
+    shuffle_buffer: int = 1000,
     **load_kwargs: Any,
 ) -> tuple[Any, Any]:
-    """Load a train split and an evaluation split (or `None`) with `datasets`.
+    """Load a train split and an evaluation split (or `None`) with `datasets`, or from tar shards.
 
     Args:
-        name_or_path (`str`, *optional*): a Hub dataset id (e.g. `"cifar10"`), or a local folder of images (read by
-            the `imagefolder` builder; sub-folders become labels). `None` with `data_dir` / `data_files`: image files.
+        name_or_path (`str`, *optional*): what `datasets.load_dataset` takes — a Hub dataset id (`"cifar10"`), a
+            builder name (`"parquet"`, `"imagefolder"`, ... with `data_dir` / `data_files`), or a local folder in any
+            layout it reads (parquet / arrow / json / csv files, a Hub-style `data/train-00000-of-00004.parquet`
+            folder, a folder of images with one sub-folder per class) — plus a `save_to_disk` folder, a single data
+            file or glob (`"images.parquet"`, `"data/*.arrow"`), and WebDataset tar shards: a folder of `.tar` files,
+            a path, URL or brace pattern (`"shards/train-{0000..0099}.tar"`), read by `maekit.shards`.
+            `None` with `data_dir` / `data_files`: image files.
         data_dir, data_files, config_name: passed to `datasets.load_dataset`.
         split (`str`): the training split.
-        streaming (`bool`): return `datasets.IterableDataset`s (nothing is downloaded up front).
+        streaming (`bool`): return `datasets.IterableDataset`s (nothing is downloaded up front). Tar shards are
+            always streamed (a `maekit.shards.ShardedImageDataset`).
         image_column, label_column (`str`, *optional*): checked to exist (found automatically by the datasets).
         train_val_split (`float` or `int`, *optional*): when the dataset has no validation split, hold out this
             fraction (or, for streaming, this number of examples) of the training split for evaluation.
-        seed (`int`): seed of the held-out split.
+        seed (`int`): seed of the held-out split, and of the shard order and shuffle buffer of tar shards.
+        shuffle_buffer (`int`): shuffle buffer of each reader of tar shards.
         **load_kwargs: further `datasets.load_dataset` arguments (`cache_dir`, `revision`, `token`, ...).
 
     Returns:
         `(train, eval)`; `eval` is the dataset's validation split if it has one (`validation`, `val`, `valid`, then
         `test`), else the carved split, else `None`.
-    """
-    import datasets
 
+    Raises:
+        `ValueError` naming the path when it holds no data, or the split is missing or empty.
+    """
+
+    from .shards import ShardedImageDataset, is_shard_pattern
+
+    def shards(urls: Any) -> ShardedImageDataset:
+        return ShardedImageDataset(urls, seed=seed, shuffle_buffer=shuffle_buffer)
+
+    where = name_or_path if name_or_path is not None else data_dir if data_dir is not None else data_files
     if name_or_path is None:
         if data_dir is None and data_files is None:
             raise ValueError("Pass a dataset id or folder (name_or_path), data_dir or data_files.")
         name_or_path = "imagefolder"
-    elif os.path.isdir(name_or_path) and data_dir is None and data_files is None:
-        name_or_path, data_dir = "imagefolder", name_or_path
-    splits = datasets.load_dataset(
-        name_or_path, config_name, data_dir=data_dir, data_files=data_files, streaming=streaming, **load_kwargs
-    )
+    plain = data_dir is None and data_files is None  # a name or path alone: resolve it as datasets would
+    local = plain and "://" not in name_or_path
+    files = _local_files(name_or_path) if local else []
+    if plain and is_shard_pattern(name_or_path):  # local or remote
+        splits = {split: shards(name_or_path)}
+    elif local and os.path.isdir(name_or_path):
+        splits = _load_local_folder(name_or_path, split, streaming, shards, load_kwargs)
+    elif files:
+        builder = _builder_for(files, name_or_path)
+        splits = _load_dataset(where, builder, data_files={split: files}, streaming=streaming, **load_kwargs)
+    else:
+        splits = _load_dataset(
+            where,
+            name_or_path,
+            config_name,
+            data_dir=data_dir,
+            data_files=data_files,
+            streaming=streaming,
+            **load_kwargs,
+        )
     if split not in splits:
-        raise ValueError(f"split={split!r} not found; available splits: {list(splits)}.")
+        raise ValueError(f"split={split!r} not found in {where!r}; available splits: {list(splits)}.")
     train = splits[split]
+    _check_not_empty(train, where, split)
     eval_split = next((name for name in _EVAL_SPLIT_NAMES if name in splits and name != split), None)
     evaluation = splits[eval_split] if eval_split is not None else None
     if evaluation is None and train_val_split is not None:
+        if isinstance(train, ShardedImageDataset):
+            raise ValueError(
+                f"train_val_split cannot carve an evaluation split out of tar shards ({where!r}); write the "
+                "evaluation samples to their own shards (e.g. validation-{0000..0003}.tar)."
+            )
         train, evaluation = _carve_split(train, train_val_split, seed, streaming)
     features = train.features
     if features is not None:
-        _find_column(features, _IMAGE_COLUMN_NAMES, image_column, "image")
-        _find_column(features, _LABEL_COLUMN_NAMES, label_column, "label")
+        try:
+            _find_column(features, _IMAGE_COLUMN_NAMES, image_column, "image")
+            _find_column(features, _LABEL_COLUMN_NAMES, label_column, "label")
+        except ValueError as err:
+            raise ValueError(f"{where!r}: {err}") from err
     return train, evaluation
+
+
+def _local_files(pattern: str) -> list[str]:
+    """The local files a path or glob names (none for a folder, a Hub id or a builder name)."""
+    import glob
+
+    if os.path.isfile(pattern):
+        return [pattern]
+    return sorted(path for path in glob.glob(pattern) if os.path.isfile(path)) if glob.has_magic(pattern) else []
+
+
+def _builder_for(files: Sequence[str], where: str) -> str:
+    """The `datasets` builder that reads `files`, from their extensions (as `datasets.load_dataset(folder)` infers)."""
+    from datasets.packaged_modules import _EXTENSION_TO_MODULE
+
+    builders = {_EXTENSION_TO_MODULE.get(os.path.splitext(path)[1], (None,))[0] for path in files}
+    if None in builders or len(builders) != 1:
+        extensions = sorted({os.path.splitext(path)[1] or "(none)" for path in files})
+        raise ValueError(
+            f"Cannot tell how to read {where!r}: file extensions {extensions} (one kind of data file is needed: "
+            "parquet, arrow, json, csv, tar shards or images)."
+        )
+    return builders.pop()
+
+
+def _load_local_folder(folder: str, split: str, streaming: bool, shards: Callable, load_kwargs: dict) -> dict:
+    """A local folder's splits, resolved as `datasets.load_dataset(folder)` resolves them (file names and
+    sub-folders say the split, extensions the builder); `save_to_disk` folders and tar shards are read too."""
+    import datasets
+    from datasets.data_files import DataFilesDict, EmptyDatasetError, get_data_patterns
+
+    if os.path.isfile(os.path.join(folder, "dataset_dict.json")) or os.path.isfile(os.path.join(folder, "state.json")):
+        loaded = datasets.load_from_disk(folder)
+        loaded = loaded if isinstance(loaded, datasets.DatasetDict) else {split: loaded}
+        return {name: part.to_iterable_dataset() if streaming else part for name, part in loaded.items()}
+    try:
+        files = DataFilesDict.from_patterns(get_data_patterns(folder), base_path=folder)
+    except EmptyDatasetError as err:
+        raise ValueError(
+            f"No data in {folder!r}: it holds no data file (images, parquet, arrow, json, csv or tar)."
+        ) from err
+    if all(path.endswith(".tar") for paths in files.values() for path in paths):
+        return {name: shards(list(paths)) for name, paths in files.items()}
+    return _load_dataset(folder, folder, streaming=streaming, **load_kwargs)
+
+
+def _load_dataset(where: Any, *args: Any, **kwargs: Any) -> Any:
+    """`datasets.load_dataset`, with "no data" failures reported as such, naming `where`."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(*args, **kwargs)
+    except datasets.data_files.EmptyDatasetError as err:
+        raise ValueError(f"No data in {where!r}: {err}.") from err
+    except ValueError as err:
+        if "corresponds to no data" not in str(err):  # datasets' words for a split without a single example
+            raise
+        split = re.search(r'Instruction "([^"]+)"', str(err))
+        split = f"{split.group(1)!r} split" if split else "split"
+        raise ValueError(f"The {split} of {where!r} is empty: its data files hold no example.") from err
+
+
+def _check_not_empty(train: Any, where: Any, split: str) -> None:
+    """Refuse an empty training split by name (rather than failing later on a batch that never comes)."""
+    try:
+        length = len(train)
+    except TypeError:  # a stream: look at its first record, without decoding it
+        import datasets
+
+        if not isinstance(train, datasets.IterableDataset):
+            return  # tar shards check themselves when they are opened
+        stream = train
+        features = train.features
+        if features is not None:
+            column = next((name for name, feature in features.items() if isinstance(feature, datasets.Image)), None)
+            stream = _undecoded(train, column) if column is not None else train
+        length = sum(1 for _ in stream.take(1))
+    if length == 0:
+        raise ValueError(
+            f"The {split!r} split of {where!r} is empty: no example was found (check the path, the file extensions and "
+            "that image folders hold image files)."
+        )
 
 
 def _carve_split(train: Any, train_val_split: float | int, seed: int, streaming: bool) -> tuple[Any, Any]:
