@@ -233,13 +233,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .convert import main as convert_main
 
         # TODO(lead, after merge): let maekit.convert take prog="maekit convert" so its errors read that way too.
-        return convert_main(argv[1:])
+        with _quiet_loading():
+            return convert_main(argv[1:])
     args = build_parser().parse_args(argv)
     with _quiet_loading():
         try:
             return args.handler(args)
+        except BrokenPipeError:  # `maekit info ... | head`: the reader left, nothing is wrong
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 1
         except (ValueError, TypeError, OSError, ImportError) as err:
             args.parser.error(str(err))
+        except KeyboardInterrupt:
+            print(f"\nmaekit {args.command}: interrupted.", file=sys.stderr)
+            return 130
     return 1  # not reached: parser.error exits
 
 
@@ -346,21 +353,32 @@ def _extract_features(args: argparse.Namespace) -> int:
     source = open_image_source(args.data, args.split, args.image_column, args.label_column)
     # TODO(lead, after issue 10 item 14 merges): if maekit.evaluation / build_dataloader gain an extraction that keeps
     # every sample and names bad files, maekit.features.extract_features_to_file can call it for the forward loop.
-    result = extract_features_to_file(
-        model,
-        source,
-        args.output,
-        processor,
-        pooling=args.pooling,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        chunk_size=args.chunk_size,
-        device=args.device,
-        dtype=_DTYPES[args.dtype],
-        model_name=args.model,
-        overwrite=args.overwrite,
-        progress=not args.no_progress,
-    )
+    parts = f"{args.output}.parts"
+    try:
+        result = extract_features_to_file(
+            model,
+            source,
+            args.output,
+            processor,
+            pooling=args.pooling,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            chunk_size=args.chunk_size,
+            device=args.device,
+            dtype=_DTYPES[args.dtype],
+            model_name=args.model,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
+    except KeyboardInterrupt:
+        if not os.path.isdir(parts):
+            raise
+        print(
+            f"\nmaekit extract-features: interrupted. Finished chunks are kept in {parts}/: run the same command "
+            "again to continue.",
+            file=sys.stderr,
+        )
+        return 130
     print(describe(result, args.pooling))
     return 0
 

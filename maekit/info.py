@@ -152,7 +152,7 @@ class ModelInfo:
         params, flops = self.parameters, self.flops
         lines = [
             f"model          {self.name}",
-            f"architecture   {self.architecture} ({c['model_type']})",
+            f"architecture   {self.architecture}",
             f"encoder        {c['num_hidden_layers']} blocks, width {c['hidden_size']}, {c['num_attention_heads']} heads, "
             f"MLP {c['intermediate_size']}, {c['hidden_act']}, LayerNorm eps {c['layer_norm_eps']:g}",
         ]
@@ -192,7 +192,6 @@ def _giga(flops: int) -> str:
 
 
 _ARCHITECTURE_FIELDS = (
-    "model_type",
     "hidden_size",
     "num_hidden_layers",
     "num_attention_heads",
@@ -250,7 +249,7 @@ def model_info(
     with torch.device("meta"):
         model = model_class(config)
     num_labels = config.num_labels if model_class is MAEForImageClassification else 0
-    fields = {**config.to_dict(), "num_labels": config.num_labels, "model_type": config.model_type}
+    fields = {**config.to_dict(), "num_labels": config.num_labels}
     return ModelInfo(
         name=name_or_path,
         architecture=model_class.__name__,

@@ -418,7 +418,7 @@ def test_info_reads_presets_and_transformers_folders(capsys, tmp_path, tiny_conf
     model = MAEForPreTraining(tiny_config())
     to_transformers(model).save_pretrained(tmp_path / "hf")
     out = run(capsys, "info", tmp_path / "hf", "--image-size", "48x64", "--mask-ratio", "0.5")
-    assert "MAEForPreTraining (maekit_mae)" in out and "6x8 = 48 patches" in out and "sees 24 of 48" in out
+    assert "architecture   MAEForPreTraining" in out and "6x8 = 48 patches" in out and "sees 24 of 48" in out
     assert f"total {sum(p.numel() for p in model.parameters()):,}" in out
     assert "must be a positive multiple of patch_size 8x8" in usage_error(
         capsys, "info", tmp_path / "hf", "--image-size", "30"
@@ -441,13 +441,6 @@ def test_python_dash_m_maekit_runs_in_a_subprocess(pretrained):
     )
     assert result.returncode == 0, result.stderr
     assert "architecture   MAEForPreTraining" in result.stdout
-    failed = subprocess.run(
-        [sys.executable, "-m", "maekit", "info", str(pretrained / "missing")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert failed.returncode == 2 and "maekit info: error:" in failed.stderr and "Traceback" not in failed.stderr
 
 
 def test_console_scripts_are_declared():
