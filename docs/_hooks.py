@@ -33,7 +33,7 @@ def api_modules() -> list[str]:
 
 
 def api_page(module: str) -> str:
-    return f"# `{module}`\n\n::: {module}\n"
+    return f"::: {module}\n"  # the module's name is the page title (mkdocstrings' root heading)
 
 
 def on_config(config):

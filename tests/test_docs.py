@@ -144,7 +144,7 @@ def test_site_hooks_generate_the_api_and_cli_references():
     # Every module with public names gets a page, the ones added later included.
     expected = {name for name in maekit_modules() if getattr(importlib.import_module(name), "__all__", None)}
     assert set(modules) == expected and {"maekit.data", "maekit.training", "maekit.features"} <= expected
-    assert hooks.api_page("maekit.data") == "# `maekit.data`\n\n::: maekit.data\n"
+    assert hooks.api_page("maekit.data") == "::: maekit.data\n"
     page = hooks.on_page_markdown(f"# CLI\n\n{hooks.CLI_MARKER}\n", None, None, None)
     assert "usage: maekit extract-features" in page and hooks.CLI_MARKER not in page
     assert (ROOT / "docs" / "cli.md").read_text().count(hooks.CLI_MARKER) == 1
