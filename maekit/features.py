@@ -159,8 +159,11 @@ def _dataset_source(data: str, split: str, image_column: str | None, label_colum
         else:
             dataset = datasets.load_dataset(data, split=split)
     except (OSError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as err:
-        where = "a dataset folder" if path.is_dir() else "not a file or folder here, and as a Hub dataset"
-        raise ValueError(f"DATA {data}: {where}, it could not be loaded: {err}") from err
+        if path.is_dir():
+            raise ValueError(f"DATA {data}: loading this dataset folder failed: {err}") from err
+        raise ValueError(
+            f"DATA {data!r} is not a file or folder here, and loading it as a Hub dataset failed: {err}"
+        ) from err
     image_column = _find_column(dataset.features, _IMAGE_COLUMN_NAMES, image_column, "image")
     label_column = _find_column(dataset.features, _LABEL_COLUMN_NAMES, label_column, "label")
     table = dataset.with_format("arrow")

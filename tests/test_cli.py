@@ -101,7 +101,7 @@ def test_bad_argument_values_name_the_option(capsys):
     assert "--mask-ratio: expected a number in [0, 1)" in usage_error(
         capsys, "visualize", "m", "x.png", "--mask-ratio", "1.5"
     )
-    assert "--batch-size: expected a positive integer" in usage_error(
+    assert "--batch-size: expected an integer >= 1" in usage_error(
         capsys, "extract-features", "m", "d", "--output", "f.parquet", "--batch-size", "0"
     )
     assert "invalid choice" in usage_error(capsys, "export", "m", "--format", "tflite", "--output", "x")
@@ -137,6 +137,15 @@ def test_visualize_writes_the_reconstruction_figure_of_the_library(capsys, pretr
     assert not np.array_equal(
         np.asarray(Image.open(tmp_path / "seed1.png")), np.asarray(Image.open(tmp_path / "seed0.png"))
     )
+
+
+def test_visualize_reads_a_transformers_vit_mae_folder(capsys, photos, tmp_path, tiny_config):
+    from maekit.convert import to_transformers
+
+    to_transformers(MAEForPreTraining(tiny_config())).save_pretrained(tmp_path / "hf")  # no preprocessor_config.json
+    out = run(capsys, "visualize", tmp_path / "hf", photos / "chelsea.png", "--output", tmp_path / "hf.png")
+    assert "1 image(s)" in out
+    assert Image.open(tmp_path / "hf.png").size == (4 * 96 + 5 * 2, 96 + 2 * 2)
 
 
 def test_visualize_errors_name_the_problem(capsys, pretrained, photos, tmp_path, tiny_config):
@@ -297,6 +306,10 @@ def test_extract_features_errors(capsys, pretrained, photos, tmp_path):
     assert "DATA ./no/such/folder: no such file or folder" in usage_error(
         capsys, "extract-features", pretrained, "./no/such/folder", "--output", tmp_path / "f.parquet"
     )
+    # HF_HUB_OFFLINE=1 in the tests: a Hub id cannot be reached.
+    assert "DATA 'someone/some-images' is not a file or folder here, and loading it as a Hub dataset failed" in (
+        usage_error(capsys, "extract-features", pretrained, "someone/some-images", "--output", tmp_path / "f.parquet")
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -364,6 +377,15 @@ def test_export_errors(capsys, pretrained, tmp_path):
     )
     assert "writes a .pt2 file" in usage_error(
         capsys, "export", pretrained, "--format", "torch-export", "--output", tmp_path / "c.onnx"
+    )
+
+
+def test_export_without_onnx_says_what_to_install(capsys, pretrained, tmp_path, monkeypatch):
+    import maekit.export
+
+    monkeypatch.setattr(maekit.export, "_missing", lambda module: module == "onnxscript")
+    assert 'ONNX export needs onnxscript: pip install "maekit[export]"' in usage_error(
+        capsys, "export", pretrained, "--format", "onnx", "--output", tmp_path / "e.onnx"
     )
 
 
