@@ -111,13 +111,15 @@ class MAEImageProcessor(PilBackend):
 
     Args:
         do_resize (`bool`, defaults to `True`): resize to `size`.
-        size (`dict`, defaults to `{"height": 224, "width": 224}`): the output size, or `{"shortest_edge": n}` to keep
-            the aspect ratio (then usually followed by a center crop).
+        size (`dict`, defaults to 224x224): the output size `{"height": h, "width": w}`, or `{"shortest_edge": n}`
+            to keep the aspect ratio (then usually followed by a center crop).
         resample (`PILImageResampling`, defaults to `BICUBIC`): resampling filter, as vit-mae-base (`resample: 3`).
         do_center_crop (`bool`, defaults to `False`): center crop to `crop_size` after resizing.
-        crop_size (`dict`, defaults to `{"height": 224, "width": 224}`).
-        do_rescale (`bool`, defaults to `True`) / rescale_factor (`float`, defaults to `1/255`).
-        do_normalize (`bool`, defaults to `True`) / image_mean / image_std: ImageNet statistics by default.
+        crop_size (`dict`, defaults to 224x224): the center crop `{"height": h, "width": w}`.
+        do_rescale (`bool`, defaults to `True`): multiply the pixel values by `rescale_factor`.
+        rescale_factor (`float`, defaults to `1/255`): the rescaling factor.
+        do_normalize (`bool`, defaults to `True`): subtract `image_mean` and divide by `image_std`.
+        image_mean, image_std (`Sequence[float]`): one value per channel; ImageNet statistics by default.
         do_convert_rgb (`bool`, defaults to `True`): convert inputs to `num_channels` (see `convert_image_mode`).
         num_channels (`int`, defaults to 3): channels the model expects.
         patch_size (`int`, defaults to 16): patch size of `patchify` / `unpatchify`.

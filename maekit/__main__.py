@@ -1,0 +1,8 @@
+"""`python -m maekit ...`: the `maekit` command line (see `maekit.cli`)."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

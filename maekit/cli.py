@@ -1,0 +1,499 @@
+"""The `maekit` command line: `visualize`, `extract-features`, `convert`, `export`, `info`.
+
+Run `maekit --help` or `maekit <command> --help` (also `python -m maekit ...`). This module only parses arguments and
+wires them to library functions (`maekit.inputs`, `maekit.features`, `maekit.export`, `maekit.info`,
+`maekit.visualize`, `maekit.convert`). A user error (a missing file, a model without the needed part, a bad
+argument value) ends as `maekit <command>: error: ...` with exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Iterator, Sequence
+
+import torch
+
+__all__ = ["build_parser", "main", "reference_markdown"]
+
+# Mask strategies offered by `maekit visualize`.
+# TODO(lead, after issue 12 merges): add "block" and "grid" here and pass the strategy in `_reconstruction_figure`.
+MASK_STRATEGIES = ("random",)
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DESCRIPTION = "Masked Autoencoders (He et al., 2021): reconstructions, features, export and model facts."
+
+
+def _size(value: str) -> tuple[int, int]:
+    """`224` or `224x160` (height x width)."""
+    try:
+        parts = [int(part) for part in value.lower().split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2 or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"expected a size like 224 or 224x160, got {value!r}")
+    return parts[0], parts[1]
+
+
+def _fraction(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not 0.0 <= number < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value!r}")
+    return number
+
+
+def _int_at_least(low: int):
+    """An argparse type: an integer >= `low`."""
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            number = low - 1
+        if number < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value!r}")
+        return number
+
+    return parse
+
+
+_positive, _non_negative = _int_at_least(1), _int_at_least(0)
+
+
+_MODEL_HELP = "a maekit or transformers vit_mae model folder (save_pretrained), or a Hub repo id"
+
+
+def _add_visualize(commands) -> None:
+    parser = commands.add_parser(
+        "visualize",
+        help="reconstruction figure of your images",
+        description=(
+            "Mask your images, run the MAE decoder, and write one PNG: a row per image with the columns original | "
+            "masked | reconstruction | reconstruction with the visible patches pasted back. Images are resized and "
+            "cropped by the model's image processor."
+        ),
+    )
+    parser.add_argument("model", metavar="MODEL", help=_MODEL_HELP + " holding the pretraining decoder")
+    parser.add_argument(
+        "images", metavar="IMAGE", nargs="+", help="image files, folders of images, or .txt file lists"
+    )
+    parser.add_argument("--mask-ratio", type=_fraction, help="fraction of patches removed (default: the model's)")
+    parser.add_argument("--mask-strategy", default="random", choices=MASK_STRATEGIES, help="which patches are removed")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the masking noise (default: %(default)s)")
+    parser.add_argument("--output", default="reconstruction.png", help="PNG to write (default: %(default)s)")
+    parser.add_argument(
+        "--max-images",
+        type=_positive,
+        default=16,
+        help="rows at most; the first images are kept (default: %(default)s)",
+    )
+    parser.set_defaults(handler=_visualize, parser=parser)
+
+
+def _add_extract_features(commands) -> None:
+    from .features import POOLINGS
+
+    parser = commands.add_parser(
+        "extract-features",
+        help="encode a folder / file list / dataset into one feature file",
+        description=(
+            "Encode every image of DATA with the frozen encoder (no masking) and write one .safetensors or .parquet "
+            "file with the features, the file names and the labels when DATA has them. Inputs keep their order; "
+            "files that cannot be decoded are left out and listed by name. Work is saved in chunks in "
+            "OUTPUT.parts/: rerun the same command to finish an interrupted run."
+        ),
+    )
+    parser.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
+    parser.add_argument(
+        "data",
+        metavar="DATA",
+        help=(
+            "an image folder (DATA/<class>/<image> gives labels), a .txt file list, a datasets folder "
+            "(save_to_disk or parquet files) or a Hub dataset id"
+        ),
+    )
+    parser.add_argument("--output", required=True, help="a .safetensors or .parquet file")
+    parser.add_argument(
+        "--pooling",
+        default="cls",
+        choices=POOLINGS,
+        help="cls token, mean of the patch tokens, or every token (default: %(default)s)",
+    )
+    parser.add_argument("--batch-size", type=_positive, default=64, help="images per forward (default: %(default)s)")
+    parser.add_argument(
+        "--num-workers",
+        type=_non_negative,
+        default=min(4, os.cpu_count() or 1),
+        help="processes decoding images (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--chunk-size", type=_positive, default=1024, help="inputs per saved chunk (default: %(default)s)"
+    )
+    parser.add_argument("--split", default="train", help="dataset split (default: %(default)s)")
+    parser.add_argument("--image-column", help="dataset image column (default: found automatically)")
+    parser.add_argument("--label-column", help="dataset label column (default: found automatically)")
+    parser.add_argument("--device", help="e.g. cuda, cuda:1, cpu (default: cuda when available)")
+    parser.add_argument(
+        "--dtype", default="float32", choices=_DTYPES, help="autocast dtype; features are saved in float32"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(handler=_extract_features, parser=parser)
+
+
+def _add_convert(commands) -> None:
+    # Parsed by maekit.convert itself (see `main`); registered here for `maekit --help`.
+    commands.add_parser(
+        "convert",
+        help="convert checkpoints: official .pth, timm, transformers, maekit (same as maekit-convert)",
+        add_help=False,
+    )
+
+
+def _add_export(commands) -> None:
+    from .export import EXPORT_FORMATS
+
+    parser = commands.add_parser(
+        "export",
+        help="export the encoder (or classifier) to ONNX or torch.export, checked against PyTorch",
+        description=(
+            "Export the encoder (input pixel_values, output last_hidden_state) or, with --classifier, the classifier "
+            "(output logits), with a dynamic batch and image size (multiples of the patch size), then run the file "
+            "and the PyTorch model on real images and print the largest absolute difference. ONNX needs "
+            'pip install "maekit[export]".'
+        ),
+    )
+    parser.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
+    parser.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="onnx (.onnx) or torch-export (.pt2)")
+    parser.add_argument("--output", required=True, help="the file to write (.onnx or .pt2)")
+    parser.add_argument(
+        "--classifier", action="store_true", help="export the classification head too (a fine-tuned model)"
+    )
+    parser.add_argument("--static-batch", action="store_true", help="fix the batch size to 1")
+    parser.add_argument("--static-size", action="store_true", help="fix the image size to the model's")
+    parser.add_argument("--opset", type=_positive, help="ONNX opset version (default: the exporter's)")
+    parser.add_argument(
+        "--check-images",
+        nargs="+",
+        metavar="IMAGE",
+        help="images (files, folders, .txt lists) to check the export on (default: scikit-image's photos)",
+    )
+    parser.add_argument(
+        "--atol", type=float, default=1e-4, help="largest accepted absolute difference (default: %(default)s)"
+    )
+    parser.add_argument("--no-check", action="store_true", help="skip the comparison with PyTorch")
+    parser.set_defaults(handler=_export, parser=parser)
+
+
+def _add_info(commands) -> None:
+    from .configuration_mae import PRESETS
+
+    parser = commands.add_parser(
+        "info",
+        help="architecture, patch grid, parameters and FLOPs per image",
+        description=(
+            "Describe a model without loading its weights: architecture, patch grid, parameter counts, and FLOPs "
+            "per image (2 per multiply-add, matmul-like operations) for pretraining and inference."
+        ),
+    )
+    parser.add_argument("model", metavar="MODEL", help=f"a preset ({', '.join(PRESETS)}), or " + _MODEL_HELP)
+    parser.add_argument("--image-size", type=_size, help="resolution, e.g. 224 or 224x160 (default: the model's)")
+    parser.add_argument(
+        "--mask-ratio", type=_fraction, help="mask ratio of the pretraining FLOPs (default: the model's)"
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    parser.set_defaults(handler=_info, parser=parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `maekit` argument parser with one sub-parser per command."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="maekit", description=_DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"maekit {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in (_add_visualize, _add_extract_features, _add_convert, _add_export, _add_info):
+        add(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `maekit` and `python -m maekit`; returns the exit status (user errors exit 2 via argparse)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "convert":
+        from .convert import main as convert_main
+
+        # TODO(lead, after merge): let maekit.convert take prog="maekit convert" so its errors read that way too.
+        with _quiet_loading():
+            return convert_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    with _quiet_loading():
+        try:
+            return args.handler(args)
+        except BrokenPipeError:  # `maekit info ... | head`: the reader left, nothing is wrong
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 1
+        except (ValueError, TypeError, OSError, ImportError) as err:
+            args.parser.error(str(err))
+        except KeyboardInterrupt:
+            print(f"\nmaekit {args.command}: interrupted.", file=sys.stderr)
+            return 130
+    return 1  # not reached: parser.error exits
+
+
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """No "Loading weights" bars from transformers: the commands print what they did themselves."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Commands
+
+
+def _visualize(args: argparse.Namespace) -> int:
+    from .inputs import find_images, load_image_processor, load_model
+    from .modeling_mae import MAEForPreTraining
+
+    images = find_images(args.images)
+    skipped = max(0, len(images) - args.max_images)
+    images = images[: args.max_images]
+    model = load_model(args.model, MAEForPreTraining)
+    processor = load_image_processor(args.model, model.config)
+    pixel_values = processor(_open_images(images, model.config.num_channels), return_tensors="pt")["pixel_values"]
+    mask_ratio = model.config.mask_ratio if args.mask_ratio is None else args.mask_ratio
+    grid, note = _reconstruction_figure(
+        model,
+        pixel_values,
+        mask_ratio=mask_ratio,
+        mask_strategy=args.mask_strategy,
+        seed=args.seed,
+        image_mean=processor.image_mean,
+        image_std=processor.image_std,
+    )
+    output = os.path.abspath(args.output)
+    os.makedirs(os.path.dirname(output), exist_ok=True)
+    grid.save(output)
+    print(
+        f"Wrote {args.output} ({grid.width}x{grid.height}): {len(images)} image(s), columns original | masked | "
+        f"reconstruction | reconstruction + visible; mask ratio {mask_ratio:g} ({args.mask_strategy}), seed {args.seed}."
+    )
+    if skipped:
+        print(f"{skipped} more image(s) not shown (--max-images {args.max_images}).")
+    if note:
+        print(note)
+    return 0
+
+
+def _open_images(paths: Sequence[str], num_channels: int) -> list:
+    """Decode every image now, so that a bad file is reported by name."""
+    from .data import decode_image
+    from .image_processing_mae import convert_image_mode
+
+    images = []
+    for path in paths:
+        try:
+            image = decode_image(path)
+            image.load()
+        except (OSError, SyntaxError, ValueError) as err:
+            raise ValueError(f"cannot read image {path}: {type(err).__name__}: {err}") from err
+        images.append(convert_image_mode(image, num_channels))
+    return images
+
+
+def _reconstruction_figure(model, pixel_values, *, mask_ratio, mask_strategy, seed, image_mean, image_std):
+    """The four-column figure and a note on how removed patches are shown.
+
+    TODO(lead, after issue 12 merges): the one place to wire the masking strategies (`mask_strategy` -> the masking
+    helper's mask, passed as `mask=`) and the honest vs oracle un-normalization of `norm_pix_loss` predictions
+    (today `maekit.visualize` always uses the statistics of the original patches: the oracle).
+    """
+    from .visualize import visualize_reconstructions
+
+    if mask_strategy != "random":
+        raise ValueError(f"--mask-strategy {mask_strategy!r} is not available; accepted: {MASK_STRATEGIES}.")
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.rand(pixel_values.shape[0], model.config.num_patches, generator=generator)
+    grid = visualize_reconstructions(
+        model, pixel_values, noise=noise, mask_ratio=mask_ratio, image_mean=image_mean, image_std=image_std
+    )
+    note = ""
+    if model.config.norm_pix_loss:
+        note = (
+            "norm_pix_loss model: removed patches are un-normalized with the mean and std of the original patches "
+            "(an oracle: the model never saw them)."
+        )
+    return grid, note
+
+
+def _extract_features(args: argparse.Namespace) -> int:
+    from .features import describe, extract_features_to_file, open_image_source
+    from .inputs import load_image_processor, load_model
+    from .modeling_mae import MAEModel
+
+    model = load_model(args.model, MAEModel)
+    processor = load_image_processor(args.model, model.config)
+    source = open_image_source(args.data, args.split, args.image_column, args.label_column)
+    # TODO(lead, after issue 10 item 14 merges): if maekit.evaluation / build_dataloader gain an extraction that keeps
+    # every sample and names bad files, maekit.features.extract_features_to_file can call it for the forward loop.
+    parts = f"{args.output}.parts"
+    try:
+        result = extract_features_to_file(
+            model,
+            source,
+            args.output,
+            processor,
+            pooling=args.pooling,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            chunk_size=args.chunk_size,
+            device=args.device,
+            dtype=_DTYPES[args.dtype],
+            model_name=args.model,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
+    except KeyboardInterrupt:
+        if not os.path.isdir(parts):
+            raise
+        print(
+            f"\nmaekit extract-features: interrupted. Finished chunks are kept in {parts}/: run the same command "
+            "again to continue.",
+            file=sys.stderr,
+        )
+        return 130
+    print(describe(result, args.pooling))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import check_export, export_model, sample_images
+    from .inputs import find_images, load_image_processor, load_model
+    from .modeling_mae import MAEForImageClassification, MAEModel
+
+    model = load_model(args.model, MAEForImageClassification if args.classifier else MAEModel)
+    output = export_model(
+        model,
+        args.output,
+        args.format,
+        dynamic_batch=not args.static_batch,
+        dynamic_size=not args.static_size,
+        opset_version=args.opset,
+    )
+    config = model.config
+    (p, q), channels = config.patch_hw, config.num_channels
+    batch = "1" if args.static_batch else "batch"
+    if args.static_size:
+        size, tokens = ", ".join(map(str, config.image_hw)), str(1 + config.num_patches)
+    else:
+        size, tokens = "height, width", f"1 + (height/{p})*(width/{q})"
+    result = (
+        f"logits ({batch}, {config.num_labels})"
+        if args.classifier
+        else (f"last_hidden_state ({batch}, {tokens}, {config.hidden_size})")
+    )
+    print(f"Wrote {output} ({os.path.getsize(output) / 2**20:.1f} MiB, {args.format}, {type(model).__name__})")
+    multiples = f"{p}" if p == q else f"{p} and {q}"
+    rule = "" if args.static_size else f"; height and width: multiples of {multiples}, at least two patches"
+    print(f"  input  pixel_values ({batch}, {channels}, {size}){rule}")
+    print(f"  output {result}")
+    if args.no_check:
+        return 0
+    processor = load_image_processor(args.model, config)
+    if args.check_images:
+        paths = find_images(args.check_images)
+        images, source = _open_images(paths, channels), f"{len(paths)} image(s)"
+    else:
+        images, source = sample_images(), "scikit-image photos (astronaut, coffee, chelsea, rocket)"
+    batches = _check_batches(processor, images, config, args.static_batch, args.static_size)
+    checks = check_export(output, model, batches, args.format)
+    print(f"Checked against PyTorch (float32) on {source}:")
+    for check in checks:
+        verdict = "ok" if check.max_abs_diff <= args.atol else f"ABOVE --atol {args.atol:g}"
+        print(
+            f"  batch {check.batch_size}, {check.height}x{check.width}: max abs diff {check.max_abs_diff:.2e} {verdict}"
+        )
+    if any(check.max_abs_diff > args.atol for check in checks):
+        print(
+            f"maekit export: error: the exported model differs from PyTorch by more than {args.atol:g}.",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _check_batches(processor, images, config, static_batch: bool, static_size: bool) -> list[torch.Tensor]:
+    """Batches that exercise what the export promises: batch 1 and all images; a second, non-square size."""
+    pixel_values = processor(images, return_tensors="pt")["pixel_values"]
+    batches = [pixel_values[:1]] if static_batch else [pixel_values[:1], pixel_values]
+    if not static_size:
+        (height, width), (p, q) = config.image_hw, config.patch_hw
+        other = {"height": (height * 3 // 2) // p * p, "width": (width * 5 // 4) // q * q}
+        resized = processor(images, size=other, do_center_crop=False, return_tensors="pt")["pixel_values"]
+        batches.append(resized[:1] if static_batch else resized)
+    return batches
+
+
+def _info(args: argparse.Namespace) -> int:
+    from .info import model_info
+
+    info = model_info(args.model, image_size=args.image_size, mask_ratio=args.mask_ratio)
+    print(json.dumps(info.to_dict(), indent=2) if args.json else info.format())
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reference documentation (docs/cli.md is completed from this at site build time)
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    actions = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+    return dict(actions[0].choices) if actions else {}
+
+
+def reference_markdown(width: int = 100) -> str:
+    """`maekit --help` and every `maekit <command> --help`, as Markdown (the CLI reference of the docs site)."""
+    from .convert import _build_parser as convert_parser
+
+    def section(title: str, parser: argparse.ArgumentParser) -> str:
+        with _columns(width):
+            text = parser.format_help()
+        return f"### `{title}`\n\n```text\n{text.rstrip()}\n```\n"
+
+    parser = build_parser()
+    sections = [section("maekit", parser)]
+    for name, sub in _subparsers(parser).items():
+        if name == "convert":  # parsed by maekit.convert (also installed as maekit-convert)
+            sub = convert_parser()
+            sub.prog = "maekit convert"
+        sections.append(section(f"maekit {name}", sub))
+    return "\n".join(sections)
+
+
+@contextlib.contextmanager
+def _columns(width: int) -> Iterator[None]:
+    """Fix argparse's wrapping width (it follows the terminal) so the reference does not depend on where it is built."""
+    previous = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = str(width)
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = previous

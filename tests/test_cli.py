@@ -1,0 +1,484 @@
+"""The `maekit` command line, end to end: every subcommand on a tiny model saved to disk and real photos
+(scikit-image), in-process through `maekit.cli.main`, plus one subprocess run of `python -m maekit`."""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from maekit import MAEForImageClassification, MAEForPreTraining, MAEImageProcessor, MAEModel
+from maekit.cli import build_parser, main, reference_markdown
+from maekit.features import extract_features_to_file, load_feature_file, open_image_source
+from maekit.inputs import load_image_processor
+from maekit.visualize import visualize_reconstructions
+
+skdata = pytest.importorskip("skimage.data")
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera")  # camera is grayscale
+COMMANDS = ("visualize", "extract-features", "convert", "export", "info")
+
+
+def save_model(model, folder: Path) -> Path:
+    height, width = model.config.image_hw
+    model.save_pretrained(folder)
+    MAEImageProcessor(
+        size={"shortest_edge": height + height // 8},
+        do_center_crop=True,
+        crop_size={"height": height, "width": width},
+        patch_size=model.config.patch_size,
+    ).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def pretrained(tmp_path, tiny_config):
+    return save_model(MAEForPreTraining(tiny_config()).eval(), tmp_path / "mae")
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """scikit-image photos as files: PNGs (one grayscale) and a JPEG, reduced to keep the tests fast."""
+    folder = tmp_path_factory.mktemp("photos")
+    for name in PHOTOS:
+        image = Image.fromarray(getattr(skdata, name)())
+        image.thumbnail((96, 96))
+        image.save(folder / (f"{name}.jpg" if name == "coffee" else f"{name}.png"))
+    return folder
+
+
+def run(capsys, *argv) -> str:
+    assert main([str(arg) for arg in argv]) == 0
+    return capsys.readouterr().out
+
+
+def usage_error(capsys, *argv) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(arg) for arg in argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def encode(model, paths, processor) -> torch.Tensor:
+    """Reference: the encoder on each image, one at a time, straight through the library."""
+    pixels = processor([Image.open(path) for path in paths], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        return model(pixels).last_hidden_state
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Parser
+
+
+@pytest.mark.parametrize("command", [None, *COMMANDS])
+def test_help_of_every_command(capsys, command):
+    argv = ["--help"] if command is None else [command, "--help"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    expected = {None: "usage: maekit ", "convert": "usage: maekit-convert "}.get(command, f"usage: maekit {command} ")
+    assert out.startswith(expected)
+
+
+def test_reference_lists_every_command():
+    text = reference_markdown()
+    for command in COMMANDS:
+        assert f"### `maekit {command}`" in text and f"usage: maekit {command}" in text
+    assert len(re.findall(r"^```text$", text, re.M)) == 1 + len(COMMANDS)
+
+
+def test_bad_argument_values_name_the_option(capsys):
+    assert "--mask-ratio: expected a number in [0, 1)" in usage_error(
+        capsys, "visualize", "m", "x.png", "--mask-ratio", "1.5"
+    )
+    assert "--batch-size: expected an integer >= 1" in usage_error(
+        capsys, "extract-features", "m", "d", "--output", "f.parquet", "--batch-size", "0"
+    )
+    assert "invalid choice" in usage_error(capsys, "export", "m", "--format", "tflite", "--output", "x")
+    assert "--image-size: expected a size like 224 or 224x160" in usage_error(
+        capsys, "info", "m", "--image-size", "big"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# visualize
+
+
+def test_visualize_writes_the_reconstruction_figure_of_the_library(capsys, pretrained, photos, tmp_path):
+    output = tmp_path / "figs" / "reconstruction.png"
+    out = run(
+        capsys, "visualize", pretrained, photos / "astronaut.png", photos, "--output", output, "--mask-ratio", "0.5"
+    )
+    images = [photos / "astronaut.png", *sorted(photos.iterdir())]
+    assert f"{len(images)} image(s)" in out and "mask ratio 0.5 (random), seed 0" in out
+    figure = np.asarray(Image.open(output))
+    # The same figure as the library's, for the same images, noise and mask ratio.
+    model = MAEForPreTraining.from_pretrained(pretrained).eval()
+    processor = load_image_processor(str(pretrained), model.config)
+    pixels = processor([Image.open(p) for p in images], return_tensors="pt")["pixel_values"]
+    noise = torch.rand(len(images), model.config.num_patches, generator=torch.Generator().manual_seed(0))
+    expected = visualize_reconstructions(model, pixels, noise=noise, mask_ratio=0.5)
+    np.testing.assert_array_equal(figure, np.asarray(expected))
+    # Another seed masks other patches.
+    run(
+        capsys, "visualize", pretrained, photos, "--output", tmp_path / "seed1.png", "--seed", "1", "--max-images", "2"
+    )
+    run(capsys, "visualize", pretrained, photos, "--output", tmp_path / "seed0.png", "--max-images", "2")
+    assert not np.array_equal(
+        np.asarray(Image.open(tmp_path / "seed1.png")), np.asarray(Image.open(tmp_path / "seed0.png"))
+    )
+
+
+def test_visualize_reads_a_transformers_vit_mae_folder(capsys, photos, tmp_path, tiny_config):
+    from maekit.convert import to_transformers
+
+    to_transformers(MAEForPreTraining(tiny_config())).save_pretrained(tmp_path / "hf")  # no preprocessor_config.json
+    out = run(capsys, "visualize", tmp_path / "hf", photos / "chelsea.png", "--output", tmp_path / "hf.png")
+    assert "1 image(s)" in out
+    assert Image.open(tmp_path / "hf.png").size == (4 * 96 + 5 * 2, 96 + 2 * 2)
+
+
+def test_visualize_errors_name_the_problem(capsys, pretrained, photos, tmp_path, tiny_config):
+    encoder = save_model(MAEModel(tiny_config()), tmp_path / "encoder")
+    assert "without the MAE decoder" in usage_error(capsys, "visualize", encoder, photos)
+    assert f"{tmp_path / 'nope.png'}: no such file or folder" in usage_error(
+        capsys, "visualize", pretrained, tmp_path / "nope.png"
+    )
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    assert f"cannot read image {tmp_path / 'broken.png'}" in usage_error(
+        capsys, "visualize", pretrained, tmp_path / "broken.png"
+    )
+    (tmp_path / "empty").mkdir()
+    assert "is a folder without a config.json" in usage_error(capsys, "visualize", tmp_path / "empty", photos)
+    assert "maekit visualize: error:" in usage_error(capsys, "visualize", pretrained, tmp_path / "empty")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# extract-features
+
+
+@pytest.fixture
+def labeled_folder(photos, tmp_path):
+    """DATA/<class>/<image>: 5 photos in two classes, plus one file that is not an image."""
+    folder = tmp_path / "data"
+    for path in sorted(photos.iterdir()):
+        target = folder / ("animals" if path.stem in ("chelsea", "coffee") else "things") / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, target)
+    (folder / "things" / "broken.png").write_bytes(b"\x89PNG truncated")
+    return folder
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".parquet"])
+def test_extract_features_keeps_every_input_in_order(capsys, pretrained, labeled_folder, tmp_path, suffix):
+    output = tmp_path / f"features{suffix}"
+    # batch 2 over 6 inputs with chunks of 4: a partial last batch, a chunk boundary inside the data, one bad file.
+    out = run(
+        capsys, "extract-features", pretrained, labeled_folder, "--output", output, "--batch-size", "2",
+        "--chunk-size", "4", "--num-workers", "0", "--no-progress",
+    )  # fmt: skip
+    assert "5 of 6 inputs" in out and "1 bad file(s)" in out and "things/broken.png" in out
+    names = sorted(p.relative_to(labeled_folder).as_posix() for p in labeled_folder.rglob("*.*"))
+    good = [name for name in names if name != "things/broken.png"]
+    loaded = load_feature_file(output)
+    assert loaded.file_names == good
+    assert loaded.indices.tolist() == [names.index(name) for name in good]
+    assert loaded.label_names == ["animals", "things"]
+    assert loaded.labels.tolist() == [0 if name.startswith("animals") else 1 for name in good]
+    assert [bad["file"] for bad in loaded.bad_files] == ["things/broken.png"]
+    assert loaded.metadata["num_inputs"] == 6 and loaded.metadata["pooling"] == "cls"
+    model = MAEModel.from_pretrained(pretrained).eval()
+    expected = encode(
+        model, [labeled_folder / name for name in good], load_image_processor(str(pretrained), model.config)
+    )
+    torch.testing.assert_close(loaded.features, expected[:, 0], rtol=0, atol=1e-5)
+    assert not output.with_name(output.name + ".parts").exists()
+
+
+@pytest.mark.parametrize("pooling", ["mean", "tokens"])
+def test_extract_features_pooling(capsys, pretrained, photos, tmp_path, pooling):
+    output = tmp_path / "features.parquet"
+    run(capsys, "extract-features", pretrained, photos, "--output", output, "--pooling", pooling, "--no-progress")
+    loaded = load_feature_file(output)
+    model = MAEModel.from_pretrained(pretrained).eval()
+    paths = sorted(photos.iterdir())
+    hidden = encode(model, paths, load_image_processor(str(pretrained), model.config))
+    expected = hidden[:, 1:].mean(dim=1) if pooling == "mean" else hidden
+    torch.testing.assert_close(loaded.features, expected, rtol=0, atol=1e-5)
+    assert loaded.labels is None and loaded.file_names == [p.name for p in paths]
+
+
+def test_extract_features_restarts_where_an_interrupted_run_stopped(capsys, pretrained, photos, tmp_path):
+    output = tmp_path / "features.safetensors"
+    model = MAEModel.from_pretrained(pretrained).eval()
+    processor = load_image_processor(str(pretrained), model.config)
+
+    def interrupt(chunk):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        extract_features_to_file(
+            model, open_image_source(photos), output, processor, chunk_size=2, batch_size=1, progress=False,
+            on_chunk=interrupt,
+        )  # fmt: skip
+    parts = output.with_name(output.name + ".parts")
+    assert sorted(p.name for p in parts.glob("chunk-*")) == ["chunk-000000.safetensors"] and not output.exists()
+    # Another extraction cannot reuse these chunks.
+    assert "different pooling" in usage_error(
+        capsys, "extract-features", pretrained, photos, "--output", output, "--chunk-size", "2", "--pooling", "mean"
+    )
+    out = run(capsys, "extract-features", pretrained, photos, "--output", output, "--chunk-size", "2", "--no-progress")
+    assert "2 inputs resumed from an interrupted run" in out and not parts.exists()
+    fresh = tmp_path / "fresh.safetensors"
+    run(capsys, "extract-features", pretrained, photos, "--output", fresh, "--no-progress", "--num-workers", "0")
+    resumed, reference = load_feature_file(output), load_feature_file(fresh)
+    assert resumed.file_names == reference.file_names
+    torch.testing.assert_close(resumed.features, reference.features, rtol=0, atol=1e-6)
+
+
+def test_extract_features_from_a_file_list_and_from_datasets(capsys, pretrained, photos, tmp_path):
+    import datasets
+
+    shutil.copytree(photos, tmp_path / "copy")
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"# my images\n{photos / 'rocket.png'}\n\ncopy/camera.png\n")  # absolute, then relative
+    out = run(capsys, "extract-features", pretrained, listing, "--output", tmp_path / "list.parquet", "--no-progress")
+    assert "2 of 2 inputs" in out
+    names = load_feature_file(tmp_path / "list.parquet").file_names
+    assert names == [str(photos / "rocket.png"), str(tmp_path / "copy" / "camera.png")]
+    # A datasets folder (save_to_disk) with an Image and a ClassLabel column.
+    # In-memory images (no file behind them): named by split and position.
+    images = [
+        Image.fromarray(np.asarray(Image.open(photos / name)))
+        for name in ("astronaut.png", "chelsea.png", "camera.png")
+    ]
+    features = datasets.Features(
+        {"img": datasets.Image(), "kind": datasets.ClassLabel(names=["person", "cat", "man"])}
+    )
+    dataset = datasets.Dataset.from_dict({"img": images, "kind": [0, 1, 2]}, features=features)
+    dataset.save_to_disk(tmp_path / "saved")
+    run(
+        capsys,
+        "extract-features",
+        pretrained,
+        tmp_path / "saved",
+        "--output",
+        tmp_path / "ds.safetensors",
+        "--no-progress",
+    )
+    loaded = load_feature_file(tmp_path / "ds.safetensors")
+    assert loaded.file_names == ["train[0]", "train[1]", "train[2]"]
+    assert loaded.labels.tolist() == [0, 1, 2] and loaded.label_names == ["person", "cat", "man"]
+    model = MAEModel.from_pretrained(pretrained).eval()
+    processor = load_image_processor(str(pretrained), model.config)
+    with torch.no_grad():
+        expected = model(processor(images, return_tensors="pt")["pixel_values"]).last_hidden_state[:, 0]
+    torch.testing.assert_close(loaded.features, expected, rtol=0, atol=1e-5)
+    # A folder of parquet files, read as `datasets.load_dataset` reads a Hub repo; image files keep their paths.
+    (tmp_path / "hub").mkdir()
+    paths = [str(photos / "rocket.png"), str(photos / "coffee.jpg")]
+    on_disk = datasets.Dataset.from_dict({"image": paths}, features=datasets.Features({"image": datasets.Image()}))
+    on_disk.to_parquet(str(tmp_path / "hub" / "train.parquet"))
+    run(
+        capsys, "extract-features", pretrained, tmp_path / "hub", "--output", tmp_path / "hub.parquet", "--no-progress"
+    )
+    assert load_feature_file(tmp_path / "hub.parquet").file_names == paths
+
+
+def test_extract_features_errors(capsys, pretrained, photos, tmp_path):
+    (tmp_path / "taken.parquet").write_bytes(b"")
+    assert "exists; remove it" in usage_error(
+        capsys, "extract-features", pretrained, photos, "--output", tmp_path / "taken.parquet"
+    )
+    assert "must end in .safetensors or .parquet" in usage_error(
+        capsys, "extract-features", pretrained, photos, "--output", tmp_path / "f.npy"
+    )
+    assert "DATA ./no/such/folder: no such file or folder" in usage_error(
+        capsys, "extract-features", pretrained, "./no/such/folder", "--output", tmp_path / "f.parquet"
+    )
+    # HF_HUB_OFFLINE=1 in the tests: a Hub id cannot be reached.
+    assert "DATA 'someone/some-images' is not a file or folder here, and loading it as a Hub dataset failed" in (
+        usage_error(capsys, "extract-features", pretrained, "someone/some-images", "--output", tmp_path / "f.parquet")
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# export
+
+
+def diffs(out: str) -> list[float]:
+    return [float(value) for value in re.findall(r"max abs diff (\S+) ok", out)]
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torch-export"])
+def test_export_encoder_matches_pytorch_on_photos(capsys, pretrained, photos, tmp_path, fmt):
+    if fmt == "onnx":
+        pytest.importorskip("onnxscript")
+        ort = pytest.importorskip("onnxruntime")
+    output = tmp_path / ("encoder.onnx" if fmt == "onnx" else "encoder.pt2")
+    out = run(capsys, "export", pretrained, "--format", fmt, "--output", output)
+    assert "scikit-image photos" in out and "input  pixel_values (batch, 3, height, width)" in out
+    checked = diffs(out)
+    assert len(checked) == 3 and max(checked) <= 1e-4  # batch 1 and 4 at 32x32, batch 4 at 48x40
+    # Independently of the command's own check: another batch size and a non-square size of real images.
+    model = MAEModel.from_pretrained(pretrained).eval()
+    processor = load_image_processor(str(pretrained), model.config)
+    images = [Image.open(path) for path in sorted(photos.iterdir())]
+    pixels = processor(images, size={"height": 24, "width": 56}, do_center_crop=False, return_tensors="pt")[
+        "pixel_values"
+    ]
+    with torch.no_grad():
+        expected = model(pixels, interpolate_pos_encoding=True).last_hidden_state
+    if fmt == "onnx":
+        session = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+        assert [i.name for i in session.get_inputs()] == ["pixel_values"]
+        assert [o.name for o in session.get_outputs()] == ["last_hidden_state"]
+        actual = torch.from_numpy(session.run(None, {"pixel_values": pixels.numpy()})[0])
+    else:
+        actual = torch.export.load(output).module()(pixels)
+    assert actual.shape == (5, 1 + 3 * 7, 32)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-4)
+
+
+def test_export_classifier_static_batch_and_size(capsys, photos, tmp_path, tiny_config):
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    model = MAEForImageClassification(tiny_config(num_labels=5)).eval()
+    torch.nn.init.normal_(model.head.weight)  # a head that is not ~0, so that the comparison means something
+    folder = save_model(model, tmp_path / "classifier")
+    output = tmp_path / "classifier.onnx"
+    out = run(
+        capsys, "export", folder, "--classifier", "--format", "onnx", "--output", output, "--static-batch",
+        "--static-size", "--check-images", photos / "chelsea.png", photos / "camera.png",
+    )  # fmt: skip
+    assert "output logits (1, 5)" in out and "2 image(s)" in out and len(diffs(out)) == 1
+    session = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape == [1, 3, 32, 32] and session.get_outputs()[0].name == "logits"
+    pixels = load_image_processor(str(folder), model.config)(Image.open(photos / "coffee.jpg"), return_tensors="pt")
+    with torch.no_grad():
+        expected = model(pixels["pixel_values"]).logits
+    actual = session.run(None, {"pixel_values": pixels["pixel_values"].numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(actual), expected, rtol=0, atol=1e-4)
+
+
+def test_export_errors(capsys, pretrained, tmp_path):
+    assert "without a classification head" in usage_error(
+        capsys, "export", pretrained, "--classifier", "--format", "torch-export", "--output", tmp_path / "c.pt2"
+    )
+    assert "writes a .pt2 file" in usage_error(
+        capsys, "export", pretrained, "--format", "torch-export", "--output", tmp_path / "c.onnx"
+    )
+
+
+def test_export_without_onnx_says_what_to_install(capsys, pretrained, tmp_path, monkeypatch):
+    import maekit.export
+
+    monkeypatch.setattr(maekit.export, "_missing", lambda module: module == "onnxscript")
+    assert 'ONNX export needs onnxscript: pip install "maekit[export]"' in usage_error(
+        capsys, "export", pretrained, "--format", "onnx", "--output", tmp_path / "e.onnx"
+    )
+
+
+def test_same_size_bicubic_resize_is_the_identity():
+    # The export resizes the position table even at the trained size (no shape guard): that must change nothing.
+    from maekit.export import _resize_pos_embed_always
+    from maekit.modeling_mae import sincos_pos_embed_2d
+
+    table = sincos_pos_embed_2d(64, (6, 5))
+    assert torch.equal(_resize_pos_embed_always(table, (6, 5), (6, 5)), table)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# info
+
+
+def test_info_counts_parameters_and_flops_like_torch(capsys, tiny_config, tmp_path):
+    sys.path.insert(0, str(BENCHMARKS))
+    from common import count_flops
+
+    from maekit.info import flops_per_image
+
+    config = tiny_config(image_size=(32, 48), mask_ratio=0.6)
+    model = MAEForPreTraining(config)
+    folder = save_model(model, tmp_path / "mae")
+    info = json.loads(run(capsys, "info", folder, "--json"))
+    assert info["architecture"] == "MAEForPreTraining" and info["grid"] == [4, 6]
+    assert info["parameters"]["total"] == sum(p.numel() for p in model.parameters())
+    assert info["parameters"]["decoder"] == sum(p.numel() for p in model.decoder.parameters())
+    pixels = torch.randn(3, 3, 32, 48)
+    flops = flops_per_image(config)
+    assert info["flops"]["pretraining_forward"] == flops.pretraining_forward
+    assert count_flops(lambda: model(pixels)) == 3 * flops.pretraining_forward
+    assert count_flops(lambda: model(pixels).loss.backward()) == 3 * flops.pretraining_step
+    encoder = MAEModel(config).eval()
+    assert count_flops(lambda: encoder(pixels)) == 3 * flops.inference
+    bigger = flops_per_image(config, image_size=64)
+    assert (
+        count_flops(lambda: encoder(torch.randn(2, 3, 64, 64), interpolate_pos_encoding=True)) == 2 * bigger.inference
+    )
+    classifier = MAEForImageClassification(tiny_config(num_labels=7)).eval()
+    with_head = flops_per_image(classifier.config, num_labels=7).inference
+    assert count_flops(lambda: classifier(torch.randn(1, 3, 32, 32))) == with_head
+
+
+def test_info_reads_presets_and_transformers_folders(capsys, tmp_path, tiny_config):
+    from maekit.convert import to_transformers
+
+    out = run(capsys, "info", "vit-base-patch16")
+    assert "patch grid     14x14 = 196 patches" in out and "inference, all patches     35.13 GFLOP" in out
+    assert "encoder 85,647,360, decoder 26,008,320, total 111,655,680" in out
+    model = MAEForPreTraining(tiny_config())
+    to_transformers(model).save_pretrained(tmp_path / "hf")
+    out = run(capsys, "info", tmp_path / "hf", "--image-size", "48x64", "--mask-ratio", "0.5")
+    assert "architecture   MAEForPreTraining" in out and "6x8 = 48 patches" in out and "sees 24 of 48" in out
+    assert f"total {sum(p.numel() for p in model.parameters()):,}" in out
+    assert "must be a positive multiple of patch_size 8x8" in usage_error(
+        capsys, "info", tmp_path / "hf", "--image-size", "30"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# convert, and the installed commands
+
+
+def test_convert_is_the_maekit_convert_command(capsys, pretrained, tmp_path):
+    out = run(capsys, "convert", pretrained, tmp_path / "hf", "--to", "transformers")
+    assert "MAEForPreTraining (maekit -> transformers)" in out
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "vit_mae"
+
+
+def test_python_dash_m_maekit_runs_in_a_subprocess(pretrained):
+    result = subprocess.run(
+        [sys.executable, "-m", "maekit", "info", str(pretrained)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert "architecture   MAEForPreTraining" in result.stdout
+
+
+def test_console_scripts_are_declared():
+    import tomllib
+
+    scripts = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"maekit": "maekit.cli:main", "maekit-convert": "maekit.convert:main"}
+    installed = shutil.which("maekit")
+    if installed is None:
+        pytest.skip("the maekit console script is not installed here (pip install -e . installs it)")
+    result = subprocess.run([installed, "--version"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.startswith("maekit ")
+
+
+def test_parser_commands():
+    parser = build_parser()
+    assert parser.prog == "maekit"
+    args = parser.parse_args(["extract-features", "m", "d", "--output", "f.parquet"])
+    assert (args.pooling, args.batch_size, args.chunk_size, args.dtype) == ("cls", 64, 1024, "float32")
