@@ -1,7 +1,7 @@
 """Records per second from tar shards: maekit's reader vs `datasets`' webdataset builder vs the `webdataset` package.
 
 The shards hold ImageNet-sized JPEGs made from scikit-image's photos (`data_pipeline.make_jpegs`), written by
-`maekit.shards.write_shards`. Every reader runs in this process on one thread, in shard order (no shuffle buffer), and
+`maekit.shard_writer.write_shards`. Every reader runs in this process on one thread, in shard order (no shuffle buffer), and
 is timed reading the raw records (bytes + label) alone and reading + decoding them with the MAE train transform
 (`decode_image` + `MAETrainTransform(224)`), contenders alternating within each round; the table shows medians.
 "resume" is the time from a saved position in the middle of a shard, past three quarters of the data, to the next
@@ -29,7 +29,8 @@ from common import configure_threads, format_table, machine_info, median, record
 from data_pipeline import make_jpegs
 
 from maekit.data import MAETrainTransform, decode_image, sample_rng
-from maekit.shards import ShardReader, write_shards
+from maekit.shard_writer import write_shards
+from maekit.shards import ShardReader
 
 COLUMNS = ("reader", "read rec/s", "read+decode rec/s", "total / read time", "resume ms")
 

@@ -28,13 +28,11 @@ from .data import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
     MAEEvalTransform,
-    _as_hw,
-    _check_crop_scale,
-    _check_range,
     collate_fn,
     random_resized_crop_box,
 )
 from .image_processing_mae import convert_image_mode
+from .validation import as_hw, check_crop_scale, check_range
 
 __all__ = [
     "FineTuneEvalTransform",
@@ -607,8 +605,8 @@ class FineTuneTrainTransform:
         num_channels: int = 3,
         interpolation: int = Image.Resampling.BICUBIC,
     ):
-        self.size = _as_hw(size)
-        self.scale, self.ratio = _check_crop_scale(scale), _check_range(ratio, "ratio")
+        self.size = as_hw(size)
+        self.scale, self.ratio = check_crop_scale(scale), check_range(ratio, "ratio")
         if not 0.0 <= hflip_prob <= 1.0:
             raise ValueError(f"hflip_prob must be in [0, 1], got {hflip_prob}.")
         if num_channels not in (1, 3) or len(mean) != num_channels or len(std) != num_channels:

@@ -230,9 +230,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] == "convert":
         from .convert import main as convert_main
 
-        # TODO(lead, after merge): let maekit.convert take prog="maekit convert" so its errors read that way too.
         with _quiet_loading():
-            return convert_main(argv[1:])
+            return convert_main(argv[1:], prog="maekit convert")
     args = build_parser().parse_args(argv)
     with _quiet_loading():
         try:
@@ -468,7 +467,7 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 
 def reference_markdown(width: int = 100) -> str:
     """`maekit --help` and every `maekit <command> --help`, as Markdown (the CLI reference of the docs site)."""
-    from .convert import _build_parser as convert_parser
+    from .convert import build_parser as convert_parser
 
     def section(title: str, parser: argparse.ArgumentParser) -> str:
         with _columns(width):
@@ -479,8 +478,7 @@ def reference_markdown(width: int = 100) -> str:
     sections = [section("maekit", parser)]
     for name, sub in _subparsers(parser).items():
         if name == "convert":  # parsed by maekit.convert (also installed as maekit-convert)
-            sub = convert_parser()
-            sub.prog = "maekit convert"
+            sub = convert_parser(prog="maekit convert")
         sections.append(section(f"maekit {name}", sub))
     return "\n".join(sections)
 

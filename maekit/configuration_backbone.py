@@ -8,6 +8,8 @@ VitDet): `"stem"` is the patch embedding, `"stageN"` the output of block N.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from transformers.backbone_utils import BackboneConfigMixin
 
 from .configuration_mae import MAEConfig
@@ -50,6 +52,7 @@ class MAEBackboneConfig(BackboneConfigMixin, MAEConfig):
     """
 
     model_type = "maekit_mae_backbone"
+    also_loads_model_types: ClassVar[tuple[str, ...]] = ("maekit_mae",)
 
     _out_features: list[str] | None = None
     _out_indices: list[int] | None = None
@@ -73,7 +76,7 @@ class MAEBackboneConfig(BackboneConfigMixin, MAEConfig):
         from transformers import ViTMAEConfig
 
         if isinstance(config, ViTMAEConfig):
-            from .convert import config_from_transformers
+            from .vit_mae_interop import config_from_transformers
 
             config = config_from_transformers(config)
         if not isinstance(config, MAEConfig):
@@ -87,27 +90,16 @@ class MAEBackboneConfig(BackboneConfigMixin, MAEConfig):
         return cls(**{**fields, **overrides})
 
     @classmethod
+    def _foreign_config_hint(cls, model_type: str | None) -> str:
+        return (
+            " (a segmentation model: load it with AutoModelForSemanticSegmentation)" if model_type == "upernet" else ""
+        )
+
+    @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
         """Read a maekit (`maekit_mae` or `maekit_mae_backbone`) or transformers `vit_mae` config.json as a backbone
         config, so `MAEBackboneConfig.from_pretrained(pretraining_folder, out_indices=...)` works."""
         config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
-        model_type = config_dict.get("model_type")
-        if model_type == "vit_mae":
-            from transformers import ViTMAEConfig
-
-            from .convert import config_from_transformers
-
-            config_dict = config_from_transformers(ViTMAEConfig.from_dict(config_dict)).to_dict()
-        elif model_type not in (MAEConfig.model_type, cls.model_type):
-            hint = (
-                " (a segmentation model: load it with AutoModelForSemanticSegmentation)"
-                if model_type == "upernet"
-                else ""
-            )
-            raise ValueError(
-                f"{pretrained_model_name_or_path} holds a model_type={model_type!r} config{hint}; an MAE backbone is "
-                f"built from a maekit {MAEConfig.model_type!r} / {cls.model_type!r} or a transformers 'vit_mae' folder."
-            )
         config_dict = {k: v for k, v in config_dict.items() if k not in _NOT_COPIED}
         return {**config_dict, "model_type": cls.model_type}, kwargs
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 from transformers.utils import logging
+
+from .validation import pair
 
 logger = logging.get_logger(__name__)
 
@@ -85,12 +88,6 @@ for _preset in PRESETS.values():
 _POOLINGS = ("mean", "cls")
 
 
-def _pair(value) -> tuple[int, int]:
-    if isinstance(value, (list, tuple)):
-        return tuple(value)
-    return (value, value)
-
-
 def largest_mask_ratio(num_patches: int) -> float:
     """The largest `mask_ratio` that leaves the encoder at least one visible patch: `int(L * (1 - r)) >= 1`."""
     ratio = 1.0 - 1.0 / num_patches
@@ -99,7 +96,7 @@ def largest_mask_ratio(num_patches: int) -> float:
     return ratio
 
 
-def _check_mask_ratio(mask_ratio, num_patches: int) -> None:
+def check_mask_ratio(mask_ratio, num_patches: int) -> None:
     """`ValueError` unless `mask_ratio` is a number in [0, 1) that keeps at least one of `num_patches` patches."""
     if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, (int, float)) or not 0 <= mask_ratio < 1:
         raise ValueError(f"mask_ratio must be a number in [0, 1), got {mask_ratio!r}.")
@@ -153,6 +150,8 @@ class MAEConfig(PretrainedConfig):
     """
 
     model_type = "maekit_mae"
+    # Further maekit model types whose config.json this class reads (subclasses widen it).
+    also_loads_model_types: ClassVar[tuple[str, ...]] = ()
     # Read by AutoImageProcessor when a preprocessor_config.json does not name its class (a class attribute: never
     # serialized).
     image_processor_type = "MAEImageProcessor"
@@ -189,6 +188,11 @@ class MAEConfig(PretrainedConfig):
         self.validate()
 
     @classmethod
+    def _foreign_config_hint(cls, model_type: str | None) -> str:
+        """What to do instead, for a config.json of another model type (subclasses add hints)."""
+        return ""
+
+    @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs) -> tuple[dict, dict]:
         """Read the config.json of a folder or Hub repo, as transformers does, and check it is an MAE config.
 
@@ -210,12 +214,15 @@ class MAEConfig(PretrainedConfig):
             )
         model_type = config_dict.get("model_type")
         if model_type == "vit_mae":
-            return {name: config_dict[name] for name in VIT_MAE_FIELDS if name in config_dict}, kwargs
-        if model_type != cls.model_type:
+            converted = {name: config_dict[name] for name in VIT_MAE_FIELDS if name in config_dict}
+            return {**converted, "model_type": cls.model_type}, kwargs
+        accepted = (cls.model_type, *cls.also_loads_model_types)
+        if model_type not in accepted:
             found = "has no model_type" if model_type is None else f"is a {model_type!r} config"
             raise ValueError(
-                f"The config.json of {source} {found}; maekit's MAE classes load {cls.model_type!r} (maekit) and "
-                "'vit_mae' (transformers ViTMAE, converted on load) configs only."
+                f"The config.json of {source} {found}{cls._foreign_config_hint(model_type)}; {cls.__name__} loads "
+                f"{' / '.join(repr(t) for t in accepted)} (maekit) and 'vit_mae' (transformers ViTMAE, converted on "
+                "load) configs only."
             )
         return config_dict, kwargs
 
@@ -229,11 +236,11 @@ class MAEConfig(PretrainedConfig):
     # Derived geometry (image_size/patch_size may be an int or (height, width); JSON turns tuples into lists).
     @property
     def image_hw(self) -> tuple[int, int]:
-        return _pair(self.image_size)
+        return pair(self.image_size)
 
     @property
     def patch_hw(self) -> tuple[int, int]:
-        return _pair(self.patch_size)
+        return pair(self.patch_size)
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -278,8 +285,8 @@ class MAEConfig(PretrainedConfig):
                 )
         for name in ("image_size", "patch_size"):
             value = getattr(self, name)
-            pair = _pair(value)
-            if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in pair):
+            hw = pair(value)
+            if len(hw) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in hw):
                 raise ValueError(
                     f"{name} must be a positive integer or a (height, width) pair of them, got {value!r}."
                 )
@@ -289,7 +296,7 @@ class MAEConfig(PretrainedConfig):
                     f"image_size {axis} ({size}) must be divisible by patch_size {axis} ({patch}); "
                     f"got image_size={self.image_size!r}, patch_size={self.patch_size!r}."
                 )
-        _check_mask_ratio(self.mask_ratio, self.num_patches)
+        check_mask_ratio(self.mask_ratio, self.num_patches)
         if self.hidden_act not in ACT2FN:
             raise ValueError(f"hidden_act {self.hidden_act!r} is unknown; accepted: {', '.join(sorted(ACT2FN))}.")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"):

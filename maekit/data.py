@@ -26,6 +26,8 @@ from PIL import Image
 
 from .image_processing_mae import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, MAEImageProcessor, convert_image_mode
 from .jpeg_decode import available_jpeg_decoder, decode_jpeg_scaled, draft_scale
+from .shared_epoch import SharedEpoch
+from .validation import as_hw, check_crop_scale, check_range
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +63,8 @@ _DECODE_ERRORS = (
 # of the reduction: on photos, outputs stay within 0.3 grey levels (mean absolute difference) of full-resolution
 # decoding, against 0.7 when DCT scaling does all of it; the speed is nearly the same.
 _DRAFT_OVERSAMPLING = 1.5
-_IMAGE_COLUMN_NAMES = ("image", "img", "images", "picture", "photo")
-_LABEL_COLUMN_NAMES = ("label", "labels", "class", "fine_label", "target")
+IMAGE_COLUMN_NAMES = ("image", "img", "images", "picture", "photo")
+LABEL_COLUMN_NAMES = ("label", "labels", "class", "fine_label", "target")
 _EVAL_SPLIT_NAMES = ("validation", "val", "valid", "test")
 
 
@@ -86,28 +88,6 @@ def sample_rng(seed: int, epoch: int, index: int) -> torch.Generator:
     process or worker handles the sample, or on what was drawn before, so resumed and re-sharded runs agree.
     """
     return torch.Generator().manual_seed(_seed_from(seed, epoch, index))
-
-
-def _as_hw(size: int | Sequence[int], name: str = "size") -> tuple[int, int]:
-    if isinstance(size, (int, np.integer)) and size > 0:
-        return int(size), int(size)
-    if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(s, int) and s > 0 for s in size):
-        return int(size[0]), int(size[1])
-    raise ValueError(f"{name} must be a positive int or a (height, width) pair of positive ints, got {size!r}.")
-
-
-def _check_range(value: Sequence[float], name: str) -> tuple[float, float]:
-    if len(value) != 2 or not 0 < value[0] <= value[1]:
-        raise ValueError(f"{name} must be a (min, max) pair with 0 < min <= max, got {value!r}.")
-    return float(value[0]), float(value[1])
-
-
-def _check_crop_scale(scale: Sequence[float]) -> tuple[float, float]:
-    """The (min, max) area fraction of a random-resized crop: 0 < min <= max <= 1."""
-    checked = _check_range(scale, "scale")
-    if checked[1] > 1.0:
-        raise ValueError(f"scale must lie within (0, 1], got {scale!r}.")
-    return checked
 
 
 def random_resized_crop_box(
@@ -188,9 +168,9 @@ class MAETrainTransform:
         draft_oversampling: float = _DRAFT_OVERSAMPLING,
         jpeg_decoder: str = "auto",
     ):
-        self.size = _as_hw(size)
-        self.scale = _check_crop_scale(scale)
-        self.ratio = _check_range(ratio, "ratio")
+        self.size = as_hw(size)
+        self.scale = check_crop_scale(scale)
+        self.ratio = check_range(ratio, "ratio")
         if not 0.0 <= hflip_prob <= 1.0:
             raise ValueError(f"hflip_prob must be in [0, 1], got {hflip_prob}.")
         if num_channels not in (1, 3):
@@ -292,7 +272,7 @@ class MAEEvalTransform:
         std: Sequence[float] = IMAGENET_DEFAULT_STD,
         num_channels: int = 3,
     ):
-        height, width = _as_hw(size)
+        height, width = as_hw(size)
         if not 0.0 < crop_pct <= 1.0:
             raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}.")
         self.size, self.crop_pct = (height, width), crop_pct
@@ -368,7 +348,7 @@ def _source_name(value: Any) -> str:
     return "<in-memory image>"
 
 
-def _find_column(features: Any, names: Sequence[str], wanted: str | None, kind: str) -> str | None:
+def find_column(features: Any, names: Sequence[str], wanted: str | None, kind: str) -> str | None:
     """The column named `wanted`, else the first column of the right feature type, else a conventional name."""
     import datasets
 
@@ -389,7 +369,7 @@ def _find_column(features: Any, names: Sequence[str], wanted: str | None, kind: 
     return None
 
 
-def _undecoded(dataset: Any, image_column: str) -> Any:
+def undecoded(dataset: Any, image_column: str) -> Any:
     """Ask `datasets` for raw bytes/paths so that decoding (and its failures) happens under our control."""
     import datasets
 
@@ -433,26 +413,13 @@ class _SampleLoader:
         except _DECODE_ERRORS as err:
             if isinstance(err, ValueError) and not _raised_in_pil(err):
                 raise  # a ValueError of the transform itself is a configuration error, not a bad file
-            raise BadImageError(f"{where}: cannot decode {name}: {type(err).__name__}: {err}") from err
+            # Without PIL's repr of the in-memory file (`<_io.BytesIO object at 0x...>`): the same file, the same message.
+            details = re.sub(r" ?<[^<>]* object at 0x[0-9a-f]+>", "", str(err))
+            raise BadImageError(f"{where}: cannot decode {name}: {type(err).__name__}: {details}") from err
         sample = {"pixel_values": pixel_values}
         if self.label_column is not None:
             sample["labels"] = int(record[self.label_column])
         return sample
-
-
-class _SharedEpoch:
-    """An epoch counter in shared memory, so `set_epoch` in the main process reaches persistent DataLoader workers."""
-
-    def __init__(self):
-        self.value = torch.zeros(1, dtype=torch.int64).share_memory_()
-
-    def get(self) -> int:
-        return int(self.value[0])
-
-    def set(self, epoch: int) -> None:
-        if not isinstance(epoch, int) or epoch < 0:
-            raise ValueError(f"epoch must be a non-negative int, got {epoch!r}.")
-        self.value[0] = epoch
 
 
 class _ImageSource:
@@ -462,15 +429,15 @@ class _ImageSource:
     def __init__(self, dataset, transform, image_column, label_column, seed, skip_bad_images, max_image_pixels):
         features = getattr(dataset, "features", None)
         if features is not None:
-            image_column = _find_column(features, _IMAGE_COLUMN_NAMES, image_column, "image")
-            label_column = _find_column(features, _LABEL_COLUMN_NAMES, label_column, "label")
-            dataset = _undecoded(dataset, image_column)
+            image_column = find_column(features, IMAGE_COLUMN_NAMES, image_column, "image")
+            label_column = find_column(features, LABEL_COLUMN_NAMES, label_column, "label")
+            dataset = undecoded(dataset, image_column)
         self.dataset = dataset
         self.transform = transform
         self.seed = seed
         self.skip_bad_images = skip_bad_images
         self.load_record = _SampleLoader(transform, image_column, label_column, max_image_pixels)
-        self._epoch = _SharedEpoch()
+        self._epoch = SharedEpoch()
         _seed_from(seed)
 
     @property
@@ -691,8 +658,10 @@ def build_dataloader(
     `drop_last` defaults to `shuffle`: a training loader drops the last partial batch (as the official pretraining
     loader), an evaluation or feature-extraction loader (`shuffle=False`) keeps every sample, in order.
     """
-    if batch_sampler is None and batch_size is not None and (
-        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+    if (
+        batch_sampler is None
+        and batch_size is not None
+        and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1)
     ):
         raise ValueError(f"batch_size must be a positive int (or None for a dataset of batches), got {batch_size!r}.")
     drop_last = shuffle if drop_last is None else drop_last
@@ -805,8 +774,8 @@ def load_image_dataset(
     features = train.features
     if features is not None:
         try:
-            _find_column(features, _IMAGE_COLUMN_NAMES, image_column, "image")
-            _find_column(features, _LABEL_COLUMN_NAMES, label_column, "label")
+            find_column(features, IMAGE_COLUMN_NAMES, image_column, "image")
+            find_column(features, LABEL_COLUMN_NAMES, label_column, "label")
         except ValueError as err:
             raise ValueError(f"{where!r}: {err}") from err
     return train, evaluation
@@ -885,7 +854,7 @@ def _check_not_empty(train: Any, where: Any, split: str) -> None:
         features = train.features
         if features is not None:
             column = next((name for name, feature in features.items() if isinstance(feature, datasets.Image)), None)
-            stream = _undecoded(train, column) if column is not None else train
+            stream = undecoded(train, column) if column is not None else train
         length = sum(1 for _ in stream.take(1))
     if length == 0:
         raise ValueError(

@@ -146,7 +146,7 @@ def _dataset_source(data: str, split: str, image_column: str | None, label_colum
     import datasets
     import pyarrow.compute as pc
 
-    from .data import _IMAGE_COLUMN_NAMES, _LABEL_COLUMN_NAMES, _find_column
+    from .data import IMAGE_COLUMN_NAMES, LABEL_COLUMN_NAMES, find_column
 
     path = Path(data)
     try:
@@ -164,8 +164,8 @@ def _dataset_source(data: str, split: str, image_column: str | None, label_colum
         raise ValueError(
             f"DATA {data!r} is not a file or folder here, and loading it as a Hub dataset failed: {err}"
         ) from err
-    image_column = _find_column(dataset.features, _IMAGE_COLUMN_NAMES, image_column, "image")
-    label_column = _find_column(dataset.features, _LABEL_COLUMN_NAMES, label_column, "label")
+    image_column = find_column(dataset.features, IMAGE_COLUMN_NAMES, image_column, "image")
+    label_column = find_column(dataset.features, LABEL_COLUMN_NAMES, label_column, "label")
     table = dataset.with_format("arrow")
     column = table[image_column]
     if isinstance(dataset.features[image_column], datasets.Image):

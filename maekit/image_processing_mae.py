@@ -14,8 +14,9 @@ from transformers.image_processing_backends import PilBackend
 from transformers.image_utils import ChannelDimension, ImageInput, PILImageResampling, infer_channel_dimension_format
 from transformers.processing_utils import ImagesKwargs
 
-from .modeling_mae import patchify, unpatchify
+from .patches import patchify, unpatchify
 
+# The ImageNet normalization of the official code (and transformers' IMAGENET_DEFAULT_*), defined once for maekit.
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 

@@ -15,8 +15,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .configuration_mae import MAEConfig, _pair
+from .configuration_mae import MAEConfig
 from .modeling_mae import MAEForImageClassification
+from .validation import pair
 
 __all__ = ["FlopCounts", "ModelInfo", "flops_per_image", "model_info", "parameter_counts"]
 
@@ -73,7 +74,7 @@ def flops_per_image(
     assert round(flops.inference / 1e9, 1) == 35.1  # ViT-B/16 at 224x224, all 196 patches
     ```
     """
-    (h, w), (p, q) = _pair(image_size) if image_size is not None else config.image_hw, config.patch_hw
+    (h, w), (p, q) = pair(image_size) if image_size is not None else config.image_hw, config.patch_hw
     if h % p or w % q:
         raise ValueError(f"image_size {h}x{w} is not divisible by patch_size {p}x{q}.")
     mask_ratio = config.mask_ratio if mask_ratio is None else mask_ratio
@@ -147,7 +148,7 @@ class ModelInfo:
     def format(self) -> str:
         """Human-readable summary, one fact per line."""
         c, (gh, gw), (h, w) = self.config, self.grid, self.image_size
-        p, q = _pair(c["patch_size"])
+        p, q = pair(c["patch_size"])
         kept = int(gh * gw * (1 - c["mask_ratio"]))
         params, flops = self.parameters, self.flops
         lines = [
@@ -242,7 +243,7 @@ def model_info(
         if not 0 <= mask_ratio < 1:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio!r}.")
         config.mask_ratio = mask_ratio
-    size = _pair(image_size) if image_size is not None else config.image_hw
+    size = pair(image_size) if image_size is not None else config.image_hw
     p, q = config.patch_hw
     if size[0] % p or size[1] % q or min(size) < 1:
         raise ValueError(f"image_size {size[0]}x{size[1]} must be a positive multiple of patch_size {p}x{q}.")

@@ -83,7 +83,7 @@ def resolve_config(name_or_path: str, allow_presets: bool = False) -> tuple[MAEC
         ) from err
     model_type = config_dict.get("model_type")
     if model_type == "vit_mae":
-        from .convert import config_from_transformers
+        from .vit_mae_interop import config_from_transformers
 
         config = config_from_transformers(ViTMAEConfig.from_dict(config_dict))
     elif model_type == MAEConfig.model_type:

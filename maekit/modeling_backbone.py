@@ -160,10 +160,10 @@ class MAEBackbone(BackboneMixin, MAEPreTrainedModel):
         fields as keyword arguments."""
         from transformers import ViTMAEConfig
 
-        from .convert import _HUB_KWARGS, transformers_vit_mae_config
+        from .vit_mae_interop import HUB_KWARGS, transformers_vit_mae_config
 
         config = kwargs.pop("config", None)
-        hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+        hub = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
         dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))  # the config loading below consumes it
         vit_mae = isinstance(config, ViTMAEConfig) or (
             config is None and transformers_vit_mae_config(pretrained_model_name_or_path, **hub) is not None

@@ -18,7 +18,8 @@ from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
-from .configuration_mae import MAEConfig, _check_mask_ratio, _pair
+from .configuration_mae import MAEConfig, check_mask_ratio
+from .patches import patchify, sincos_pos_embed_2d, unpatchify
 
 __all__ = [
     "MAEModel",
@@ -79,57 +80,6 @@ class MAEForPreTrainingOutput(ModelOutput):
     ids_restore: torch.LongTensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Patches and position embeddings
-
-
-def patchify(pixel_values: torch.Tensor, patch_size) -> torch.Tensor:
-    """(B, C, H, W) -> (B, L, p*q*C), patches in row-major order, each vector ordered (p, q, c)."""
-    p, q = _pair(patch_size)
-    b, c, h, w = pixel_values.shape
-    if h % p or w % q:
-        raise ValueError(f"pixel_values of size {h}x{w} is not divisible by patch_size {p}x{q}.")
-    x = pixel_values.reshape(b, c, h // p, p, w // q, q)
-    return torch.einsum("nchpwq->nhwpqc", x).reshape(b, (h // p) * (w // q), p * q * c)
-
-
-def unpatchify(patches: torch.Tensor, patch_size, image_size, num_channels: int | None = None) -> torch.Tensor:
-    """(B, L, p*q*C) -> (B, C, H, W); inverse of `patchify` for an image of `image_size` (int or (H, W))."""
-    p, q = _pair(patch_size)
-    h, w = _pair(image_size)
-    if h % p or w % q:
-        raise ValueError(f"image_size {h}x{w} is not divisible by patch_size {p}x{q}.")
-    gh, gw = h // p, w // q
-    b, length, dim = patches.shape
-    c = num_channels if num_channels is not None else dim // (p * q)
-    if length != gh * gw or dim != p * q * c:
-        raise ValueError(
-            f"patches of shape {tuple(patches.shape)} do not fit image_size {h}x{w} with patch_size {p}x{q} and "
-            f"{c} channels (expected ({b}, {gh * gw}, {p * q * c}))."
-        )
-    x = patches.reshape(b, gh, gw, p, q, c)
-    return torch.einsum("nhwpqc->nchpwq", x).reshape(b, c, h, w)
-
-
-def sincos_pos_embed_2d(embed_dim: int, grid_size, cls_token: bool = True) -> torch.Tensor:
-    """Fixed 2-D sin-cos position table in the official MAE layout, shape (1, [1 +] gh * gw, embed_dim).
-
-    Each row is [sin(w·ω), cos(w·ω), sin(h·ω), cos(h·ω)] with ω_i = 10000^(-i / (D/4)); rows are in row-major patch
-    order; the cls row (if any) is zeros. Computed in float64 as the official numpy code, returned as float32.
-    """
-    gh, gw = _pair(grid_size)
-    omega = 1.0 / 10000 ** (torch.arange(embed_dim // 4, dtype=torch.float64) / (embed_dim // 4))
-    hh, ww = torch.meshgrid(
-        torch.arange(gh, dtype=torch.float64), torch.arange(gw, dtype=torch.float64), indexing="ij"
-    )
-    out_w = ww.reshape(-1, 1) * omega  # (gh*gw, D/4)
-    out_h = hh.reshape(-1, 1) * omega
-    table = torch.cat([out_w.sin(), out_w.cos(), out_h.sin(), out_h.cos()], dim=1)
-    if cls_token:
-        table = torch.cat([torch.zeros(1, embed_dim, dtype=torch.float64), table], dim=0)
-    return table.float().unsqueeze(0)
 
 
 def _resize_pos_embed(pos_embed: torch.Tensor, old_grid, new_grid) -> torch.Tensor:
@@ -257,6 +207,7 @@ class MAEPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["MAEBlock"]
     _supports_sdpa = True
+    has_decoder = False  # whether the class holds the MAE decoder (what a `vit_mae` checkpoint is loaded through)
 
     @classmethod
     def _can_set_attn_implementation(cls) -> bool:
@@ -292,7 +243,7 @@ class MAEPreTrainedModel(PreTrainedModel):
         Accepts every argument of `transformers.PreTrainedModel.from_pretrained`.
         """
         if kwargs.get("config") is None and pretrained_model_name_or_path is not None:
-            from .convert import load_transformers_vit_mae, transformers_vit_mae_config
+            from .vit_mae_interop import load_transformers_vit_mae, transformers_vit_mae_config
 
             config_dict = transformers_vit_mae_config(pretrained_model_name_or_path, **kwargs)
             if config_dict is not None:
@@ -456,7 +407,7 @@ class MAEModel(MAEPreTrainedModel):
         patch_pos = pos_embed[:, 1:]
         if mask_ratio is not None or noise is not None:
             mask_ratio = self.config.mask_ratio if mask_ratio is None else mask_ratio
-            _check_mask_ratio(mask_ratio, length)
+            check_mask_ratio(mask_ratio, length)
             if noise is not None and tuple(noise.shape) != (batch, length):
                 raise ValueError(
                     f"noise must have shape (batch, num_patches) = {(batch, length)}, got {tuple(noise.shape)}."
@@ -544,6 +495,8 @@ class MAEForPreTraining(MAEPreTrainedModel):
     assert out.logits.shape == (2, 16, 8 * 8 * 3) and out.mask.sum() == 2 * 12
     ```
     """
+
+    has_decoder = True
 
     def __init__(self, config: MAEConfig):
         super().__init__(config)

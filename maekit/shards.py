@@ -1,4 +1,4 @@
-"""WebDataset-style tar shards: a reader with an exact, JSON-serialisable position, and a deterministic writer.
+"""WebDataset-style tar shards: a reader with an exact, JSON-serialisable position (the writer is `maekit.shard_writer`).
 
 A shard is a tar file whose members are grouped into samples by key: `000123.jpg` and `000123.cls` form the sample
 `000123` (the key is the member path up to the first dot of its file name, as in WebDataset). Shards are named by a
@@ -18,25 +18,26 @@ Reading (`ShardedImageDataset`, `ShardReader`):
 - samples without an image, with an unreadable label, or behind a corrupt tar header are skipped and counted (the
   reader resynchronises on the next valid header).
 
-Writing (`write_shards`, `main`): any source `maekit.data.load_image_dataset` reads (an image folder, a Hub id, parquet
-files, a `datasets.Dataset`, other shards), with a target shard size; the same input gives byte-identical shards.
+Writing (`maekit.shard_writer.write_shards`): any source `maekit.data.load_image_dataset` reads (an image folder, a Hub
+id, parquet files, a `datasets.Dataset`, other shards), with a target shard size; the same input gives byte-identical
+shards.
 """
 
 from __future__ import annotations
 
-import argparse
 import glob
 import hashlib
-import io
 import logging
 import os
 import re
 import tarfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
+
+from .shared_epoch import SharedEpoch
 
 logger = logging.getLogger(__name__)
 
@@ -47,15 +48,12 @@ __all__ = [
     "ShardedImageDataset",
     "expand_shard_urls",
     "is_shard_pattern",
-    "main",
-    "shard_pattern",
-    "write_shards",
 ]
 
 # Member extensions that hold the image / the integer label of a sample, in order of preference.
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "bmp", "tif", "tiff", "image", "img")
 LABEL_EXTENSIONS = ("cls", "label", "target", "index")
-_BLOCK = 512
+TAR_BLOCK = 512  # tar headers and member data are padded to this many bytes
 _STATE_VERSION = 1
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
 
@@ -172,20 +170,20 @@ class _TarCursor:
             return self._last_header[1]
         start, long_name = offset, None
         while True:
-            block = self._read(offset, _BLOCK)
-            if len(block) < _BLOCK or not block.strip(b"\0"):
+            block = self._read(offset, TAR_BLOCK)
+            if len(block) < TAR_BLOCK or not block.strip(b"\0"):
                 found = None  # the end-of-archive zero blocks, or the end of the file
                 break
             try:
                 info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
             except tarfile.HeaderError as err:
                 raise _CorruptHeader(f"{self.url} at byte {offset}: {err}") from err
-            data_offset, size = offset + _BLOCK, info.size
-            offset = data_offset + -(-size // _BLOCK) * _BLOCK
+            data_offset, size = offset + TAR_BLOCK, info.size
+            offset = data_offset + -(-size // TAR_BLOCK) * TAR_BLOCK
             if info.type in (tarfile.XHDTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK):
                 payload = self._read(data_offset, size)
                 if len(payload) < size:
-                    raise EOFError(f"{self.url}: extended header at byte {data_offset - _BLOCK} is cut short.")
+                    raise EOFError(f"{self.url}: extended header at byte {data_offset - TAR_BLOCK} is cut short.")
                 if info.type == tarfile.GNUTYPE_LONGNAME:
                     long_name = payload.rstrip(b"\0").decode("utf-8", "surrogateescape")
                 elif info.type == tarfile.XHDTYPE:
@@ -207,10 +205,10 @@ class _TarCursor:
 
     def resync(self, offset: int) -> int | None:
         """The offset of the next block after `offset` that parses as a tar header (None: none before the end)."""
-        offset += _BLOCK
+        offset += TAR_BLOCK
         while True:
-            block = self._read(offset, _BLOCK)
-            if len(block) < _BLOCK:
+            block = self._read(offset, TAR_BLOCK)
+            if len(block) < TAR_BLOCK:
                 return None
             if block.strip(b"\0"):
                 try:
@@ -218,7 +216,7 @@ class _TarCursor:
                     return offset
                 except tarfile.HeaderError:
                     pass
-            offset += _BLOCK
+            offset += TAR_BLOCK
 
 
 def _pax_path(payload: bytes) -> str | None:
@@ -518,15 +516,13 @@ class ShardedImageDataset(torch.utils.data.IterableDataset):
         world_size: int = 1,
         block_size: int = 1 << 20,
     ):
-        from .data import _SharedEpoch
-
         self.urls = expand_shard_urls(urls)
         self.pattern = urls if isinstance(urls, str) else None
         self.seed, self.shuffle_buffer, self.shuffle_shards = seed, shuffle_buffer, shuffle_shards
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got rank={rank}.")
         self.rank, self.world_size, self.block_size = rank, world_size, block_size
-        self._epoch = _SharedEpoch()
+        self._epoch = SharedEpoch()
         first = self._first_sample()
         if first is None:
             raise ValueError(f"The shards {self._name()} hold no sample (no tar member in any of them).")
@@ -591,198 +587,3 @@ class ShardedImageDataset(torch.utils.data.IterableDataset):
             # Bad samples met by the reader travel with the next record, for the dataset's skip count.
             record["__skipped__"], pending = reader.num_skipped - pending, reader.num_skipped
             yield record
-
-
-# --- writing ------------------------------------------------------------------------------------------------------
-
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*$", re.I)
-
-
-def _parse_size(size: int | str) -> int:
-    """Bytes from an int or a string such as `"256MB"`, `"1GiB"`, `"500k"`."""
-    if isinstance(size, int) and size > 0:
-        return size
-    match = _SIZE.match(str(size))
-    if not match:
-        raise ValueError(f"max_shard_size must be a positive number of bytes or a size like '256MB', got {size!r}.")
-    base = 1024 if match.group(3) else 1000
-    value = float(match.group(1)) * base ** " KMGT".index(match.group(2).upper() or " ")
-    if value < 1:
-        raise ValueError(f"max_shard_size must be positive, got {size!r}.")
-    return int(value)
-
-
-def _image_member(value: Any) -> tuple[bytes, str]:
-    """`(bytes, extension)` of an image record: the file's own bytes when it has them, else a PNG encoding."""
-    from PIL import Image
-
-    if isinstance(value, dict):
-        data = value.get("bytes")
-        if data is None and value.get("path"):
-            with open(value["path"], "rb") as file:
-                data = file.read()
-        value = data
-    elif isinstance(value, (str, os.PathLike)):
-        with open(value, "rb") as file:
-            value = file.read()
-    if isinstance(value, (bytes, bytearray)):
-        try:
-            with Image.open(io.BytesIO(value)) as image:
-                image_format = (image.format or "").lower()
-        except Exception:  # noqa: BLE001 (a bad file is kept as it is: readers skip and count it)
-            image_format = ""
-        extension = {"jpeg": "jpg", "mpo": "jpg", "tiff": "tif"}.get(image_format, image_format)
-        return bytes(value), extension if extension in IMAGE_EXTENSIONS else "image"
-    if isinstance(value, np.ndarray):
-        value = Image.fromarray(value)
-    if isinstance(value, Image.Image):
-        buffer = io.BytesIO()
-        value.save(buffer, "PNG")
-        return buffer.getvalue(), "png"
-    raise TypeError(f"Cannot write an image from {type(value).__name__}; expected bytes, a path or a PIL image.")
-
-
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed metadata: the same input gives the same bytes
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
-
-
-def write_shards(
-    source: Any,
-    output_dir: str | os.PathLike,
-    *,
-    max_shard_size: int | str = "256MB",
-    max_samples_per_shard: int | None = None,
-    prefix: str = "shard",
-    image_column: str | None = None,
-    label_column: str | None = None,
-    **load_kwargs: Any,
-) -> list[str]:
-    """Write a data set as WebDataset-style tar shards `{prefix}-000000.tar`, ... in `output_dir`.
-
-    Every sample becomes `<index>.<ext>` (the image's own bytes when the source has them — no re-encoding — else
-    PNG) and, with labels, `<index>.cls` (the label as decimal text); `<index>` is the sample's position in the
-    source, zero-padded to 9 digits. A shard is closed before it would exceed `max_shard_size` (a single larger sample
-    gets a shard of its own) or hold `max_samples_per_shard` samples. Member metadata is fixed (mtime 0, uid 0, mode
-    644), so the same source gives byte-identical shards.
-
-    Args:
-        source: a `datasets.Dataset` / `IterableDataset`, anything `maekit.data.load_image_dataset` reads (a folder of
-            images, a Hub id, parquet files, a shard pattern), or a sequence of image paths.
-        output_dir: folder for the shards (created; existing shards of the same prefix are refused).
-        max_shard_size (`int` or `str`): target size of a shard in bytes, or a string like `"256MB"` / `"1GiB"`.
-        max_samples_per_shard (`int`, *optional*): also close a shard after this many samples.
-        prefix (`str`): file name prefix of the shards.
-        image_column, label_column (`str`, *optional*): found automatically otherwise (no labels when there are none).
-        **load_kwargs: for a name or path source: `load_image_dataset` arguments (`split`, `config_name`, ...).
-
-    Returns:
-        The shard paths, in order. Read them back with `ShardedImageDataset(f"{output_dir}/{prefix}-{{000000..N}}.tar")`.
-    """
-    from .data import _IMAGE_COLUMN_NAMES, _LABEL_COLUMN_NAMES, _find_column, _undecoded, load_image_dataset
-
-    limit = _parse_size(max_shard_size)
-    if max_samples_per_shard is not None and max_samples_per_shard < 1:
-        raise ValueError(f"max_samples_per_shard must be >= 1, got {max_samples_per_shard}.")
-    if not re.fullmatch(r"[\w\-]+", prefix):
-        raise ValueError(f"prefix must be letters, digits, '_' or '-' (no dot, no slash), got {prefix!r}.")
-    if isinstance(source, (str, os.PathLike)):
-        source, _ = load_image_dataset(os.fspath(source), streaming=True, **load_kwargs)
-    elif load_kwargs:
-        raise TypeError(f"Unexpected arguments {sorted(load_kwargs)} for a source that is not a name or a path.")
-    features = getattr(source, "features", None)
-    if isinstance(source, ShardedImageDataset):  # re-shard in the stored order
-        source = ShardReader(source.urls, shuffle_buffer=0, shuffle_shards=False, block_size=source.block_size)
-    if features is not None:
-        image_column = _find_column(features, _IMAGE_COLUMN_NAMES, image_column, "image")
-        label_column = _find_column(features, _LABEL_COLUMN_NAMES, label_column, "label")
-        source = _undecoded(source, image_column)
-    output_dir = os.fspath(output_dir)
-    os.makedirs(output_dir, exist_ok=True)
-    existing = sorted(glob.glob(os.path.join(glob.escape(output_dir), f"{prefix}-*.tar")))
-    if existing:
-        raise ValueError(
-            f"{output_dir} already holds shards named {prefix}-*.tar ({existing[0]}, ...); use another folder."
-        )
-
-    paths: list[str] = []
-    tar, size, count = None, 0, 0
-
-    def close() -> None:
-        tar.close()
-        os.replace(paths[-1] + ".tmp", paths[-1])
-
-    for index, record in enumerate(_records(source)):
-        is_dict = isinstance(record, dict)
-        data, extension = _image_member(record[image_column] if is_dict and image_column is not None else record)
-        members = [(f"{index:09d}.{extension}", data)]
-        if is_dict and label_column is not None and record.get(label_column) is not None:
-            members.append((f"{index:09d}.cls", str(int(record[label_column])).encode()))
-        sample_size = sum(_BLOCK + -(-len(d) // _BLOCK) * _BLOCK for _, d in members)
-        if tar is not None and (size + sample_size > limit or count == max_samples_per_shard):
-            close()
-            tar = None
-        if tar is None:
-            paths.append(os.path.join(output_dir, f"{prefix}-{len(paths):06d}.tar"))
-            tar = tarfile.open(paths[-1] + ".tmp", "w", format=tarfile.USTAR_FORMAT)
-            size, count = 2 * _BLOCK, 0  # the end-of-archive blocks
-        for name, payload in members:
-            _add_member(tar, name, payload)
-        size, count = size + sample_size, count + 1
-    if tar is None:
-        raise ValueError("The source holds no sample: no shard written.")
-    close()
-    return paths
-
-
-def _records(source: Any) -> Iterable[Any]:
-    if hasattr(source, "__len__") and hasattr(source, "__getitem__") and not isinstance(source, dict):
-        return (source[i] for i in range(len(source)))
-    return source
-
-
-def shard_pattern(paths: Sequence[str]) -> str:
-    """The brace pattern that names `paths` written by `write_shards` (`.../shard-{000000..000003}.tar`)."""
-    if len(paths) == 1:
-        return paths[0]
-    head, first = paths[0].rsplit("-", 1)
-    last = paths[-1].rsplit("-", 1)[1]
-    return f"{head}-{{{first[:-4]}..{last[:-4]}}}.tar"
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`write-shards SOURCE OUTPUT_DIR [--max-shard-size 256MB] ...`: write shards, print their pattern; exit code."""
-    parser = argparse.ArgumentParser(
-        prog="write-shards", description="Write an image data set as WebDataset-style tar shards (deterministic)."
-    )
-    parser.add_argument("source", help="a folder of images, a Hub dataset id, parquet files or a shard pattern")
-    parser.add_argument("output_dir", help="folder for the shards")
-    parser.add_argument("--max-shard-size", default="256MB", help="target shard size, e.g. 256MB or 1GiB")
-    parser.add_argument("--max-samples-per-shard", type=int, default=None, help="also close a shard after N samples")
-    parser.add_argument("--prefix", default="shard", help="shard file name prefix (default: shard)")
-    parser.add_argument("--split", default="train", help="split of the source to write (default: train)")
-    parser.add_argument("--config-name", default=None, help="configuration of a Hub dataset")
-    parser.add_argument("--image-column", default=None, help="image column (found automatically otherwise)")
-    parser.add_argument("--label-column", default=None, help="label column (found automatically otherwise)")
-    args = parser.parse_args(argv)
-    try:
-        paths = write_shards(
-            args.source,
-            args.output_dir,
-            max_shard_size=args.max_shard_size,
-            max_samples_per_shard=args.max_samples_per_shard,
-            prefix=args.prefix,
-            image_column=args.image_column,
-            label_column=args.label_column,
-            split=args.split,
-            config_name=args.config_name,
-        )
-    except (ValueError, TypeError, OSError) as err:
-        parser.exit(2, f"write-shards: error: {err}\n")
-    total = sum(os.path.getsize(p) for p in paths)
-    print(f"Wrote {len(paths)} shard(s), {total / 1e6:.1f} MB: {shard_pattern(paths)}")
-    return 0

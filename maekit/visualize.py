@@ -8,10 +8,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from PIL import Image
-from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from .configuration_mae import MAEConfig
-from .modeling_mae import patchify, unpatchify
+from .image_processing_mae import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from .patches import patchify, unpatchify
 
 __all__ = ["reconstruction_images", "reconstruction_grid", "visualize_reconstructions"]
 

@@ -86,7 +86,7 @@ def test_help_of_every_command(capsys, command):
         main(argv)
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    expected = {None: "usage: maekit ", "convert": "usage: maekit-convert "}.get(command, f"usage: maekit {command} ")
+    expected = "usage: maekit " if command is None else f"usage: maekit {command} "  # convert too, not maekit-convert
     assert out.startswith(expected)
 
 

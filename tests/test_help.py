@@ -19,7 +19,7 @@ def test_every_script_prints_its_help(script):
     assert "usage:" in result.stdout
 
 
-@pytest.mark.parametrize("module", ["maekit.convert"])
+@pytest.mark.parametrize("module", ["maekit", "maekit.convert"])
 def test_every_command_line_prints_its_help(module):
     result = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -15,14 +15,8 @@ import torch
 from PIL import Image
 
 from maekit.data import MAEIterableImageDataset, MAETrainTransform, load_image_dataset
-from maekit.shards import (
-    ShardedImageDataset,
-    ShardReader,
-    expand_shard_urls,
-    main,
-    shard_pattern,
-    write_shards,
-)
+from maekit.shard_writer import main, shard_pattern, write_shards
+from maekit.shards import ShardedImageDataset, ShardReader, expand_shard_urls
 from maekit.shards import _TarCursor as TarCursor
 
 SIZES = (7, 3, 5, 6, 4)  # samples per shard: uneven on purpose

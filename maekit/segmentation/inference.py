@@ -12,7 +12,7 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 
-from ..configuration_mae import _pair
+from ..validation import pair
 from .metrics import SegmentationMetric
 
 __all__ = ["evaluate_segmentation", "slide_inference", "whole_inference"]
@@ -51,8 +51,8 @@ def slide_inference(
     An image smaller than a window is run as one (smaller) window. Defaults are the MAE / BEiT ADE20K test setting
     (512 windows, stride 341).
     """
-    crop_h, crop_w = _pair(crop_size)
-    stride_h, stride_w = _pair(stride)
+    crop_h, crop_w = pair(crop_size)
+    stride_h, stride_w = pair(stride)
     if min(crop_h, crop_w, stride_h, stride_w) < 1:
         raise ValueError(f"crop_size and stride must be positive, got crop_size={crop_size!r}, stride={stride!r}.")
     batch, _, height, width = pixel_values.shape

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..data import _as_hw, _check_range, sample_rng
+from ..data import sample_rng
 from ..image_processing_mae import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, convert_image_mode
+from ..validation import as_hw, check_range
 
 __all__ = [
     "SegmentationDataset",
@@ -143,9 +144,9 @@ class SegmentationTrainTransform:
         ignore_index: int = 255,
         reduce_labels: bool = False,
     ):
-        self.crop_size = _as_hw(crop_size, "crop_size")
-        self.scale = _as_hw(scale, "scale")
-        self.ratio_range = _check_range(ratio_range, "ratio_range")
+        self.crop_size = as_hw(crop_size, "crop_size")
+        self.scale = as_hw(scale, "scale")
+        self.ratio_range = check_range(ratio_range, "ratio_range")
         if not 0.0 < cat_max_ratio <= 1.0:
             raise ValueError(f"cat_max_ratio must be in (0, 1], got {cat_max_ratio!r}.")
         if not 0.0 <= flip_prob <= 1.0:
@@ -229,7 +230,7 @@ class SegmentationEvalTransform:
         ignore_index: int = 255,
         reduce_labels: bool = False,
     ):
-        self.scale = _as_hw(scale, "scale")
+        self.scale = as_hw(scale, "scale")
         if size_divisor is not None and (not isinstance(size_divisor, int) or size_divisor < 1):
             raise ValueError(f"size_divisor must be a positive integer or None, got {size_divisor!r}.")
         self.size_divisor = size_divisor
