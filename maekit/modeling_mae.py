@@ -150,9 +150,9 @@ class MAEAttention(nn.Module):
             attn = _attention_probs(q, k, self.scale)  # (B, heads, N, N)
             x = F.dropout(attn, dropout_p, self.training) @ v
         elif q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and torch.is_grad_enabled():
-            # SDPA's CPU flash kernel is slow in backward at low precision while plain GEMMs are fast (1.16-1.19x a
-            # ViT-B step, docs/performance.md). Same math, recomputed in backward so the (B, heads, N, N)
-            # probabilities are not kept, as with SDPA.
+            # SDPA's CPU flash kernel is slow in backward at low precision while plain GEMMs are fast (measured in
+            # docs/performance.md). Same math, recomputed in backward so the (B, heads, N, N) probabilities are not
+            # kept, as with SDPA.
             x = checkpoint(_matmul_attention, q, k, v, self.scale, dropout_p, self.training, use_reentrant=False)
         else:
             x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)

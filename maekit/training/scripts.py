@@ -162,7 +162,7 @@ def finetune_recipe(model_args: ClassifierModelArguments) -> dict[str, Any]:
 
 def use_few_threads_for_tiny_models(demo: bool) -> None:
     """The demos' matrices are tiny: extra intra-op threads gain little and, on a busy machine, spin-wait for cores
-    (measured 5x slower with 2 threads on 2 shared cores). Set OMP_NUM_THREADS to choose yourself."""
+    instead of computing. Set OMP_NUM_THREADS to choose yourself."""
     if demo and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)
 
