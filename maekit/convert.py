@@ -90,6 +90,11 @@ def config_to_transformers(config: MAEConfig) -> ViTMAEConfig:
     p, q = config.patch_hw
     if p != q:
         raise ValueError(f"transformers' ViTMAE needs a square patch_size, got {config.patch_size!r}.")
+    if config.encoder_mask_token or config.target == "hog":
+        raise ValueError(
+            "transformers' ViTMAE has neither mask tokens in the encoder nor HOG targets; got "
+            f"encoder_mask_token={config.encoder_mask_token!r}, target={config.target!r}."
+        )
     fields = {name: getattr(config, name) for name in _SHARED_FIELDS}
     fields["patch_size"] = p
     fields["image_size"] = list(config.image_hw) if isinstance(config.image_size, (list, tuple)) else config.image_size
@@ -614,7 +619,9 @@ def to_timm_state_dict(model) -> dict[str, torch.Tensor]:
     The encoder of any maekit model (the decoder of `MAEForPreTraining` is left out); `MAEForImageClassification`
     adds `fc_norm` + `head` (timm `global_pool="avg"`) or `norm` + `head` (`"token"`).
     """
-    return {k: v for k, v in to_official_state_dict(model).items() if not k.startswith(("decoder_", "mask_token"))}
+    # Pretraining-only tensors: the decoder, its mask token, and the encoder mask token (`encoder_mask_token=True`).
+    pretraining = ("decoder_", "mask_token", "encoder_mask_token")
+    return {k: v for k, v in to_official_state_dict(model).items() if not k.startswith(pretraining)}
 
 
 def timm_model_args(model) -> dict:
