@@ -15,7 +15,7 @@ from .validation import pair
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["MAEConfig", "PRESETS"]
+__all__ = ["MAEConfig", "PRESETS", "MASK_STRATEGIES", "TARGETS"]
 
 # Fields with the same name and meaning in transformers' `ViTMAEConfig`: a `vit_mae` config converts through them.
 VIT_MAE_FIELDS = (
@@ -86,6 +86,9 @@ for _preset in PRESETS.values():
     _preset.update(image_size=224, layer_norm_eps=1e-6, **_OFFICIAL_DECODER)
 
 _POOLINGS = ("mean", "cls")
+# How the removed patches are chosen (maekit.masking) and what the decoder regresses (maekit.targets).
+MASK_STRATEGIES = ("random", "block", "grid")
+TARGETS = ("pixel", "norm_pixel", "hog")
 
 
 def largest_mask_ratio(num_patches: int) -> float:
@@ -134,10 +137,21 @@ class MAEConfig(PretrainedConfig):
         decoder_num_hidden_layers (`int`, defaults to 8): number of decoder blocks.
         decoder_intermediate_size (`int`, defaults to 2048): hidden width of the decoder MLPs.
         mask_ratio (`float`, defaults to 0.75): fraction of patches removed during pretraining, in [0, 1).
-        norm_pix_loss (`bool`, defaults to `False`): regress per-patch normalized pixels (mean 0, unit variance).
+        norm_pix_loss (`bool`, defaults to `False`): regress per-patch normalized pixels (mean 0, unit variance); the
+            same as `target="norm_pixel"`. Kept in sync with `target`: setting either one updates the other.
         drop_path_rate (`float`, defaults to 0.0): stochastic depth of the encoder, increasing linearly over depth.
         pooling (`str`, defaults to `"mean"`): how `MAEForImageClassification` pools: `"mean"` of the patch tokens
             followed by `fc_norm` (the official fine-tuning default) or the `"cls"` token after the final norm.
+        mask_strategy (`str`, defaults to `"random"`): how the removed patches are chosen when the model draws its own
+            mask and in training: `"random"` (official), `"block"` (BEiT-style blocks) or `"grid"` (keep one patch
+            of every 2×2). See `maekit.masking`.
+        encoder_mask_token (`bool`, defaults to `False`): the encoder sees every patch, removed ones replaced by a
+            learned mask token (SimMIM's design, paper Table 1(c)), and the decoder gets that full sequence. The
+            official MAE (`False`) encodes the visible patches only, which is 3-4x cheaper.
+        target (`str`, *optional*): what the decoder regresses for each patch: `"pixel"`, `"norm_pixel"` (per-patch
+            normalized pixels, the official recipe) or `"hog"` (MaskFeat's histograms of oriented gradients, 2×2
+            cells per patch, 9 bins, per channel). Defaults to what `norm_pix_loss` says, so configs written before
+            this field load unchanged.
 
     Example:
 
@@ -177,6 +191,9 @@ class MAEConfig(PretrainedConfig):
     norm_pix_loss: bool = False
     drop_path_rate: float = 0.0
     pooling: str = "mean"
+    mask_strategy: str = "random"
+    encoder_mask_token: bool = False
+    target: str | None = None  # None: "norm_pixel" if norm_pix_loss else "pixel" (configs older than the field)
 
     def __post_init__(self, **kwargs):
         # An `auto_map` points Auto classes at code in a repository. A maekit config loads maekit's own classes, so
@@ -185,7 +202,33 @@ class MAEConfig(PretrainedConfig):
         if auto_map:
             logger.warning(f"Ignoring the config's auto_map {auto_map}: a maekit config loads maekit's own classes.")
         super().__post_init__(**kwargs)
+        # Reconciled without the syncing `__setattr__`, so that an invalid value is reported, not overwritten.
+        if self.target is None:
+            super().__setattr__("target", "norm_pixel" if self.norm_pix_loss is True else "pixel")
+        elif self.target == "norm_pixel" and self.norm_pix_loss is False:
+            super().__setattr__("norm_pix_loss", True)  # False may be the default: the named target says what is meant
+        elif self.norm_pix_loss is True and self.target != "norm_pixel":
+            raise ValueError(
+                f"norm_pix_loss=True means target='norm_pixel' but target={self.target!r} was given; "
+                "pass only one of them."
+            )
         self.validate()
+
+    def __setattr__(self, name, value):
+        # `norm_pix_loss` and `target` say the same thing for pixel targets: after construction (once `target`
+        # exists), setting one updates the other, so `config.norm_pix_loss = True` and
+        # `from_pretrained(..., norm_pix_loss=True)` keep working as before the `target` field.
+        constructed = "target" in self.__dict__
+        super().__setattr__(name, value)
+        if not constructed:
+            return
+        if name == "norm_pix_loss" and isinstance(value, bool):
+            if value:
+                super().__setattr__("target", "norm_pixel")
+            elif self.target == "norm_pixel":
+                super().__setattr__("target", "pixel")
+        elif name == "target" and value in TARGETS:
+            super().__setattr__("norm_pix_loss", value == "norm_pixel")
 
     @classmethod
     def _foreign_config_hint(cls, model_type: str | None) -> str:
@@ -312,6 +355,22 @@ class MAEConfig(PretrainedConfig):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
         if self.pooling not in _POOLINGS:
             raise ValueError(f"pooling must be one of {_POOLINGS}, got {self.pooling!r}.")
+        if self.mask_strategy not in MASK_STRATEGIES:
+            raise ValueError(f"mask_strategy must be one of {MASK_STRATEGIES}, got {self.mask_strategy!r}.")
+        if not isinstance(self.encoder_mask_token, bool):
+            raise ValueError(f"encoder_mask_token must be True or False, got {self.encoder_mask_token!r}.")
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}.")
+        if self.norm_pix_loss != (self.target == "norm_pixel"):
+            raise ValueError(
+                f"norm_pix_loss={self.norm_pix_loss!r} contradicts target={self.target!r} "
+                "(norm_pix_loss=True is target='norm_pixel'); set one of them."
+            )
+        if self.target == "hog" and any(side % 2 for side in self.patch_hw):
+            raise ValueError(
+                f"target='hog' splits each patch into 2x2 cells (MaskFeat), so patch_size must be even, "
+                f"got {self.patch_size!r}."
+            )
         for width in ("hidden_size", "decoder_hidden_size"):
             if getattr(self, width) % 4:
                 raise ValueError(

@@ -488,7 +488,9 @@ def to_timm_state_dict(model) -> dict[str, torch.Tensor]:
     The encoder of any maekit model (the decoder of `MAEForPreTraining` is left out); `MAEForImageClassification`
     adds `fc_norm` + `head` (timm `global_pool="avg"`) or `norm` + `head` (`"token"`).
     """
-    return {k: v for k, v in to_official_state_dict(model).items() if not k.startswith(("decoder_", "mask_token"))}
+    # Pretraining-only tensors: the decoder, its mask token, and the encoder mask token (`encoder_mask_token=True`).
+    pretraining = ("decoder_", "mask_token", "encoder_mask_token")
+    return {k: v for k, v in to_official_state_dict(model).items() if not k.startswith(pretraining)}
 
 
 def _eps_test_images(config: MAEConfig, num_images: int = 2) -> torch.Tensor:

@@ -19,7 +19,9 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from .configuration_mae import MAEConfig, check_mask_ratio
+from .masking import check_mask, mask_to_noise, masking_from_noise, num_kept, random_masking, sample_mask_noise
 from .patches import patchify, sincos_pos_embed_2d, unpatchify
+from .targets import hog_targets, normalize_patches, target_dim
 
 __all__ = [
     "MAEModel",
@@ -45,7 +47,8 @@ class MAEModelOutput(ModelOutput):
 
     Args:
         last_hidden_state (`torch.Tensor` of shape `(batch, 1 + kept, hidden_size)`): final-norm features of the cls
-            token and the visible patches (all patches when no masking was asked for).
+            token and the visible patches (all patches, in image order, when no masking was asked for or with
+            `config.encoder_mask_token`).
         pooler_output (`torch.Tensor` of shape `(batch, hidden_size)`): the cls token of `last_hidden_state`.
         mask (`torch.Tensor` of shape `(batch, num_patches)`): 1 for removed patches, 0 for kept; `None` without
             masking.
@@ -69,8 +72,8 @@ class MAEForPreTrainingOutput(ModelOutput):
 
     Args:
         loss (`torch.Tensor`, scalar): mean squared error over the masked patches (over all patches if none is masked).
-        logits (`torch.Tensor` of shape `(batch, num_patches, p * q * num_channels)`): predicted patch pixels, in the
-            (normalized, when `norm_pix_loss`) target space.
+        logits (`torch.Tensor` of shape `(batch, num_patches, target_dim)`): the prediction of every patch in the
+            space of `config.target`: pixels (p·q·C values), per-patch normalized pixels, or HOG features (2·2·C·9).
         mask, ids_restore, hidden_states, attentions: as in `MAEModelOutput` (encoder side).
     """
 
@@ -231,9 +234,12 @@ class MAEPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
         elif isinstance(module, MAEModel):
             init.normal_(module.cls_token, std=std)
+            if module.encoder_mask_token is not None:
+                init.normal_(module.encoder_mask_token, std=std)
             init.copy_(module.pos_embed, sincos_pos_embed_2d(module.pos_embed.shape[-1], self.config.grid_size))
         elif isinstance(module, MAEDecoder):
-            init.normal_(module.mask_token, std=std)
+            if module.mask_token is not None:
+                init.normal_(module.mask_token, std=std)
             init.copy_(module.pos_embed, sincos_pos_embed_2d(module.pos_embed.shape[-1], self.config.grid_size))
 
     @classmethod
@@ -277,21 +283,6 @@ class MAEPatchEmbed(nn.Module):
         return F.linear(patches, self.proj.weight.flatten(1), self.proj.bias)
 
 
-def random_masking(batch: int, length: int, mask_ratio: float, noise: torch.Tensor | None, device) -> tuple:
-    """Per-sample random masking by shuffling: keep the `int(L * (1 - mask_ratio))` patches with the smallest noise.
-
-    Returns ids_keep (B, kept), mask (B, L) with 0 keep / 1 remove, ids_restore (B, L) that undoes the shuffle.
-    """
-    len_keep = int(length * (1 - mask_ratio))
-    if noise is None:
-        noise = torch.rand(batch, length, device=device)  # noise in [0, 1)
-    ids_shuffle = torch.argsort(noise, dim=1).to(device)  # ascend: small is keep, large is remove
-    ids_restore = torch.argsort(ids_shuffle, dim=1)
-    ids_keep = ids_shuffle[:, :len_keep]
-    mask = (ids_restore >= len_keep).float()  # position j is removed iff its rank in the shuffle is >= len_keep
-    return ids_keep, mask, ids_restore
-
-
 def _gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """x (B or 1, L, D), ids (B, K) -> (B, K, D) without materialising repeated indices."""
     if x.shape[0] != ids.shape[0]:
@@ -300,8 +291,14 @@ def _gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 class MAEModel(MAEPreTrainedModel):
-    """The MAE ViT encoder. Without `mask_ratio`/`noise` it embeds every patch (features for downstream use); with
-    them it encodes only the visible patches, as during pretraining.
+    """The MAE ViT encoder. Without `mask_ratio`/`noise`/`mask` it embeds every patch (features for downstream use);
+    with them it encodes only the visible patches, as during pretraining (or, with `config.encoder_mask_token`, every
+    patch with the removed ones replaced by a learned mask token).
+
+    Args:
+        config (`MAEConfig`): the model configuration.
+        use_mask_token (`bool`, *optional*): create the encoder mask token; defaults to `config.encoder_mask_token`.
+            The classifier passes `False`: it never masks, and an unused parameter would stall DDP.
 
     Example:
 
@@ -320,11 +317,14 @@ class MAEModel(MAEPreTrainedModel):
     # A pretraining checkpoint also holds the decoder: loading just the encoder from it is expected, not an error.
     _keys_to_ignore_on_load_unexpected = [r"^decoder\."]
 
-    def __init__(self, config: MAEConfig):
+    def __init__(self, config: MAEConfig, use_mask_token: bool | None = None):
         super().__init__(config)
         config.validate()
         self.patch_embed = MAEPatchEmbed(config)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        use_mask_token = config.encoder_mask_token if use_mask_token is None else use_mask_token
+        # Not `mask_token`: in the official key layout that name is the decoder's.
+        self.encoder_mask_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size)) if use_mask_token else None
         # Fixed sin-cos table (not trained); persistent so checkpoints carry it, as the official and transformers ones.
         self.register_buffer("pos_embed", torch.zeros(1, 1 + config.num_patches, config.hidden_size))
         depth = config.num_hidden_layers
@@ -369,6 +369,31 @@ class MAEModel(MAEPreTrainedModel):
             )
         return h // p, w // q
 
+    def _masking(self, batch: int, grid: tuple[int, int], mask_ratio, noise, mask, device) -> tuple:
+        """(ids_keep, mask, ids_restore) of this call, or three `None` when nothing is masked."""
+        length = grid[0] * grid[1]
+        if mask is not None:
+            if noise is not None:
+                raise ValueError("Pass either noise= or mask=, not both: both choose the removed patches.")
+            kept = check_mask(mask, batch, length)
+            if mask_ratio is not None and num_kept(length, mask_ratio) != kept:
+                raise ValueError(
+                    f"mask keeps {kept} of {length} patches but mask_ratio={mask_ratio!r} keeps "
+                    f"{num_kept(length, mask_ratio)}; leave mask_ratio out (the mask sets the count)."
+                )
+            return masking_from_noise(mask_to_noise(mask).to(device), kept)
+        if mask_ratio is None and noise is None:
+            return None, None, None
+        mask_ratio = self.config.mask_ratio if mask_ratio is None else mask_ratio
+        check_mask_ratio(mask_ratio, length)
+        if noise is not None and tuple(noise.shape) != (batch, length):
+            raise ValueError(
+                f"noise must have shape (batch, num_patches) = {(batch, length)}, got {tuple(noise.shape)}."
+            )
+        if noise is None and self.config.mask_strategy != "random":
+            noise = sample_mask_noise(self.config.mask_strategy, batch, grid, mask_ratio)
+        return random_masking(batch, length, mask_ratio, noise, device)
+
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -378,16 +403,21 @@ class MAEModel(MAEPreTrainedModel):
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
+        mask: torch.Tensor | None = None,
     ) -> MAEModelOutput | tuple:
         r"""
         Args:
             pixel_values (`torch.Tensor` of shape `(batch, num_channels, height, width)`): normalized images.
-            mask_ratio (`float`, *optional*): remove this fraction of patches (random per sample). Default: no masking,
-                unless `noise` is given, which masks with `config.mask_ratio`.
-            noise (`torch.Tensor` of shape `(batch, num_patches)`, *optional*): masking noise; the patches with the
-                smallest values are kept. Makes masking reproducible.
+            mask_ratio (`float`, *optional*): remove this fraction of patches, chosen by `config.mask_strategy`.
+                Default: no masking, unless `noise` is given, which masks with `config.mask_ratio`.
+            noise (`torch.Tensor` of shape `(batch, num_patches)`, *optional*): masking noise; the
+                `int(L * (1 - mask_ratio))` patches with the smallest values are kept. Makes masking reproducible;
+                `maekit.masking.sample_mask_noise` draws it for every strategy.
             interpolate_pos_encoding (`bool`): run at a resolution other than `config.image_size` by bicubic resizing
                 of the position table.
+            mask (`torch.BoolTensor` of shape `(batch, num_patches)`, *optional*): the patches to remove (True), the
+                same number in every sample; instead of `noise`. It sets the kept count: a `mask_ratio` given with it
+                must agree.
         """
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         output_hidden_states = (
@@ -403,22 +433,19 @@ class MAEModel(MAEPreTrainedModel):
         patches = self.patch_embed.patches(pixel_values)  # (B, L, C*p*q)
         batch, length = patches.shape[:2]
 
-        mask = ids_restore = None
+        ids_keep, mask, ids_restore = self._masking(batch, grid, mask_ratio, noise, mask, pixel_values.device)
         patch_pos = pos_embed[:, 1:]
-        if mask_ratio is not None or noise is not None:
-            mask_ratio = self.config.mask_ratio if mask_ratio is None else mask_ratio
-            check_mask_ratio(mask_ratio, length)
-            if noise is not None and tuple(noise.shape) != (batch, length):
-                raise ValueError(
-                    f"noise must have shape (batch, num_patches) = {(batch, length)}, got {tuple(noise.shape)}."
-                )
-            ids_keep, mask, ids_restore = random_masking(batch, length, mask_ratio, noise, pixel_values.device)
-            patches = _gather_tokens(patches, ids_keep)  # (B, kept, C*p*q): only visible patches get embedded
-            patch_pos = _gather_tokens(patch_pos, ids_keep)
-
-        x = self.patch_embed(patches) + patch_pos
+        if mask is None:
+            x = self.patch_embed(patches) + patch_pos  # (B, L, D)
+        elif self.encoder_mask_token is not None:
+            # SimMIM-style: every patch is encoded, removed ones replaced by the mask token (position kept).
+            x = self.patch_embed(patches)
+            x = torch.where(mask.bool().unsqueeze(-1), self.encoder_mask_token.to(x.dtype), x) + patch_pos  # (B, L, D)
+        else:
+            # (B, kept, C*p*q): only visible patches get embedded
+            x = self.patch_embed(_gather_tokens(patches, ids_keep)) + _gather_tokens(patch_pos, ids_keep)
         cls = (self.cls_token + pos_embed[:, :1]).expand(batch, -1, -1)
-        x = torch.cat([cls, x], dim=1)  # (B, 1 + kept, D)
+        x = torch.cat([cls, x], dim=1)  # (B, 1 + kept, D), or (B, 1 + L, D) without masking / with mask tokens
 
         hidden_states = (x,) if output_hidden_states else None
         attentions = () if output_attentions else None
@@ -446,14 +473,15 @@ class MAEModel(MAEPreTrainedModel):
 
 
 class MAEDecoder(nn.Module):
-    """Narrow ViT that sees encoder tokens plus a shared mask token for every removed patch, and predicts pixels."""
+    """Narrow ViT that sees encoder tokens plus a shared mask token for every removed patch, and predicts the target
+    of every patch. With `config.encoder_mask_token` the encoder output already holds every patch: no mask token."""
 
     def __init__(self, config: MAEConfig):
         super().__init__()
         self.config = config
         dim = config.decoder_hidden_size
         self.embed = nn.Linear(config.hidden_size, dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.mask_token = None if config.encoder_mask_token else nn.Parameter(torch.zeros(1, 1, dim))
         self.register_buffer("pos_embed", torch.zeros(1, 1 + config.num_patches, dim))
         self.blocks = nn.ModuleList(
             [
@@ -462,15 +490,17 @@ class MAEDecoder(nn.Module):
             ]
         )
         self.norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
-        self.pred = nn.Linear(dim, config.patch_dim)
+        self.pred = nn.Linear(dim, target_dim(config))
 
     def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         x = self.embed(latent)  # (B, 1 + kept, Dd)
-        batch, length = x.shape[0], ids_restore.shape[1]
-        mask_tokens = self.mask_token.expand(batch, length + 1 - x.shape[1], -1)
-        x_ = torch.cat([x[:, 1:], mask_tokens], dim=1)  # (B, L, Dd) in shuffled order
-        x_ = _gather_tokens(x_, ids_restore)  # unshuffle
-        x = torch.cat([x[:, :1], x_], dim=1) + _resize_pos_embed(self.pos_embed, self.config.grid_size, grid)
+        if self.mask_token is not None:
+            batch, length = x.shape[0], ids_restore.shape[1]
+            mask_tokens = self.mask_token.expand(batch, length + 1 - x.shape[1], -1)
+            x_ = torch.cat([x[:, 1:], mask_tokens], dim=1)  # (B, L, Dd) in shuffled order
+            x_ = _gather_tokens(x_, ids_restore)  # unshuffle
+            x = torch.cat([x[:, :1], x_], dim=1)
+        x = x + _resize_pos_embed(self.pos_embed, self.config.grid_size, grid)  # (B, 1 + L, Dd)
         for block in self.blocks:
             x, _ = block(x)
         x = self.pred(self.norm(x))
@@ -516,21 +546,26 @@ class MAEForPreTraining(MAEPreTrainedModel):
         size = self.config.image_hw if image_size is None else image_size
         return unpatchify(patches, self.config.patch_hw, size, self.config.num_channels)
 
+    def targets(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """What the decoder regresses, `config.target` of every patch: (B, C, H, W) -> (B, L, target_dim), in float32
+        (float64 stays float64)."""
+        dtype = torch.promote_types(pixel_values.dtype, torch.float32)
+        if self.config.target == "hog":
+            return hog_targets(pixel_values.to(dtype), self.config.patch_hw)
+        target = self.patchify(pixel_values).to(dtype)
+        return normalize_patches(target) if self.config.target == "norm_pixel" else target
+
     def forward_loss(
         self, pixel_values: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, reduction: str = "mean"
     ) -> torch.Tensor:
-        """Per-patch MSE against the (optionally per-patch normalized) pixels, averaged over removed patches: over the
-        whole batch (`reduction="mean"`, a scalar) or per image (`reduction="none"`, shape `(batch,)`)."""
+        """Per-patch MSE against `targets(pixel_values)`, averaged over removed patches: over the whole batch
+        (`reduction="mean"`, a scalar) or per image (`reduction="none"`, shape `(batch,)`)."""
         if reduction not in ("mean", "none"):
             raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}.")
         # In float32 whatever the model dtype (as autocast does): a bf16/fp16 sum over a large batch overflows or
         # rounds, and so do the per-patch statistics of norm_pix_loss.
         dtype = torch.promote_types(pred.dtype, torch.float32)  # float64 stays float64
-        target, pred = self.patchify(pixel_values).to(dtype), pred.to(dtype)
-        if self.config.norm_pix_loss:
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + 1.0e-6) ** 0.5
+        target, pred = self.targets(pixel_values.to(dtype)), pred.to(dtype)
         loss = ((pred - target) ** 2).mean(dim=-1)  # (B, L)
         dim = None if reduction == "mean" else 1  # None: over the whole batch
         removed = mask.sum(dim=dim)
@@ -546,20 +581,27 @@ class MAEForPreTraining(MAEPreTrainedModel):
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
+        mask: torch.Tensor | None = None,
     ) -> MAEForPreTrainingOutput | tuple:
         r"""
         Args:
             pixel_values (`torch.Tensor` of shape `(batch, num_channels, height, width)`): normalized images.
-            noise (`torch.Tensor` of shape `(batch, num_patches)`, *optional*): masking noise (reproducible masks).
+            noise (`torch.Tensor` of shape `(batch, num_patches)`, *optional*): masking noise (reproducible masks;
+                `maekit.masking.sample_mask_noise` draws it for every strategy). Without `noise` or `mask`, the
+                model draws a mask of `config.mask_strategy` from the global RNG.
             mask_ratio (`float`, *optional*): defaults to `config.mask_ratio`.
             interpolate_pos_encoding (`bool`): run at another resolution (bicubic 2-D resize of both position tables).
+            mask (`torch.BoolTensor` of shape `(batch, num_patches)`, *optional*): the patches to remove (True), the
+                same number in every sample; instead of `noise`.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        mask_ratio = self.config.mask_ratio if mask_ratio is None else mask_ratio
+        if mask is None and mask_ratio is None:
+            mask_ratio = self.config.mask_ratio
         enc = self.mae(
             pixel_values,
             mask_ratio=mask_ratio,
             noise=noise,
+            mask=mask,
             interpolate_pos_encoding=interpolate_pos_encoding,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
@@ -613,13 +655,13 @@ class MAEForImageClassification(MAEPreTrainedModel):
 
     # Loading a pretraining checkpoint: the decoder (and, with mean pooling, the final norm) is dropped and the new
     # head initialised on purpose, without a wall of load-report warnings.
-    _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"^mae\.norm\."]
+    _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"^mae\.norm\.", r"^mae\.encoder_mask_token$"]
     _keys_to_ignore_on_load_missing = [r"^head\.", r"^fc_norm\."]
 
     def __init__(self, config: MAEConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
-        self.mae = MAEModel(config)
+        self.mae = MAEModel(config, use_mask_token=False)  # never masks
         if config.pooling == "mean":
             # As the official global-pool model: no final encoder norm (it would get no gradient and stall DDP).
             self.mae.norm = nn.Identity()

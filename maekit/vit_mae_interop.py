@@ -49,6 +49,11 @@ def config_to_transformers(config: MAEConfig) -> ViTMAEConfig:
     p, q = config.patch_hw
     if p != q:
         raise ValueError(f"transformers' ViTMAE needs a square patch_size, got {config.patch_size!r}.")
+    if config.encoder_mask_token or config.target == "hog":
+        raise ValueError(
+            "transformers' ViTMAE has neither mask tokens in the encoder nor HOG targets; got "
+            f"encoder_mask_token={config.encoder_mask_token!r}, target={config.target!r}."
+        )
     fields = {name: getattr(config, name) for name in VIT_MAE_FIELDS}
     fields["patch_size"] = p
     fields["image_size"] = list(config.image_hw) if isinstance(config.image_size, (list, tuple)) else config.image_size

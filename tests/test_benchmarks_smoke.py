@@ -14,6 +14,7 @@ sys.path.insert(0, str(BENCHMARKS))
 
 import common  # noqa: E402
 import inference  # noqa: E402
+import pretraining_variants  # noqa: E402
 import train_step  # noqa: E402
 
 TINY = (
@@ -93,3 +94,15 @@ def test_gpu_benchmark_runs_on_cpu_without_datasets(tmp_path):
     assert result["rows"][0]["MFU %"] > 0 and result["rows"][0]["vs transformers"].endswith("x")
     assert result["settings"]["attention_kernel"] == {"maekit": "flash-cpu", "transformers": "flash-cpu"}
     assert proc.stdout.rstrip().splitlines()[-1].startswith("| matmul 64² bf16")
+
+
+def test_pretraining_variants_benchmark_times_every_variant(tmp_path):
+    out = tmp_path / "variants.json"
+    argv = ["--preset", "vit-tiny-patch16", "--config-overrides", TINY, "--batch-size", "2", "--image-size", "32"]
+    result = pretraining_variants.main(argv + ["--repeats", "1", "--warmup", "0", "--output", str(out)])
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == set(pretraining_variants.VARIANTS) and rows["mae"]["vs mae"] == "1.00x"
+    # mask tokens in the encoder: all 16 patches instead of 4 go through the encoder block
+    assert rows["encoder mask token"]["GFLOP/step"] > rows["mae"]["GFLOP/step"]
+    assert rows["block masks"]["GFLOP/step"] == rows["mae"]["GFLOP/step"]  # same computation, other masks
+    assert result["settings"]["command"].startswith("python benchmarks/pretraining_variants.py")

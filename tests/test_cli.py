@@ -17,7 +17,7 @@ from maekit import MAEForImageClassification, MAEForPreTraining, MAEImageProcess
 from maekit.cli import build_parser, main, reference_markdown
 from maekit.features import extract_features_to_file, load_feature_file, open_image_source
 from maekit.inputs import load_image_processor
-from maekit.visualize import visualize_reconstructions
+from maekit.visualize import HEADER_HEIGHT, visualize_reconstructions
 
 skdata = pytest.importorskip("skimage.data")
 
@@ -145,7 +145,7 @@ def test_visualize_reads_a_transformers_vit_mae_folder(capsys, photos, tmp_path,
     to_transformers(MAEForPreTraining(tiny_config())).save_pretrained(tmp_path / "hf")  # no preprocessor_config.json
     out = run(capsys, "visualize", tmp_path / "hf", photos / "chelsea.png", "--output", tmp_path / "hf.png")
     assert "1 image(s)" in out
-    assert Image.open(tmp_path / "hf.png").size == (4 * 96 + 5 * 2, 96 + 2 * 2)
+    assert Image.open(tmp_path / "hf.png").size == (4 * 96 + 5 * 2, HEADER_HEIGHT + 96 + 2 * 2)
 
 
 def test_visualize_errors_name_the_problem(capsys, pretrained, photos, tmp_path, tiny_config):

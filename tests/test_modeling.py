@@ -1,3 +1,4 @@
+import json
 import math
 
 import numpy as np
@@ -298,3 +299,68 @@ def test_per_image_loss_equals_the_loss_of_each_image(tiny_config):
     torch.testing.assert_close(per_image.mean(), out.loss)  # same number of removed patches per image
     with pytest.raises(ValueError, match="reduction"):
         model.forward_loss(x, out.logits, out.mask, reduction="sum")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Mask tokens in the encoder (config.encoder_mask_token, paper Table 1(c))
+
+
+@pytest.mark.parametrize("encoder_mask_token", [False, True])
+def test_prediction_never_sees_removed_pixels(tiny_config, encoder_mask_token):
+    """The logits must not depend on the pixels of removed patches, whether or not the encoder sees mask tokens."""
+    model = MAEForPreTraining(tiny_config(encoder_mask_token=encoder_mask_token)).eval()
+    x, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    out = model(x, noise=noise)
+    removed = unpatchify(out.mask[..., None].expand(-1, -1, 192), 8, 32).bool()
+    changed = torch.where(removed, torch.randn_like(x) * 5, x)
+    torch.testing.assert_close(model(changed, noise=noise).logits, out.logits, rtol=0, atol=1e-6)
+    visible_changed = torch.where(removed, x, x + 1)
+    assert not torch.allclose(model(visible_changed, noise=noise).logits, out.logits)
+
+
+def test_encoder_mask_token_encodes_every_patch(tiny_config):
+    model = MAEForPreTraining(tiny_config(encoder_mask_token=True))
+    assert model.decoder.mask_token is None and model.mae.encoder_mask_token.shape == (1, 1, 32)
+    assert 0.005 < model.mae.encoder_mask_token.std() < 0.05  # normal(0.02), as the official mask token
+    x, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    out = model(x, noise=noise, output_hidden_states=True)
+    encoder = model.mae(x, noise=noise, output_hidden_states=True)
+    assert encoder.last_hidden_state.shape == (2, 1 + 16, 32) and out.logits.shape == (2, 16, 192)
+    assert out.mask.sum() == 2 * 12 and torch.equal(out.mask, encoder.mask)
+    # the encoder input: mask token + position at removed patches, patch embedding + position elsewhere
+    tokens = out.hidden_states[0][:, 1:]  # (B, L, D)
+    pos = model.mae.pos_embed[:, 1:]
+    removed = out.mask.bool()
+    torch.testing.assert_close(tokens[removed], (model.mae.encoder_mask_token[0] + pos[0]).expand(2, -1, -1)[removed])
+    full = model.mae(x, output_hidden_states=True).hidden_states[0][:, 1:]  # no masking: every patch embedded
+    torch.testing.assert_close(tokens[~removed], full[~removed])
+    out.loss.backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []  # DDP needs no unused parameters
+    assert model.mae.encoder_mask_token.grad.abs().sum() > 0
+
+
+def test_encoder_mask_token_saves_loads_and_is_left_out_by_the_classifier(tiny_config, tmp_path):
+    model = MAEForPreTraining(tiny_config(encoder_mask_token=True)).eval()
+    model.save_pretrained(tmp_path)
+    loaded = MAEForPreTraining.from_pretrained(tmp_path).eval()
+    assert loaded.config.encoder_mask_token and "encoder_mask_token" in json.loads(
+        (tmp_path / "config.json").read_text()
+    )
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, loaded.state_dict()[name]), name
+    x, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    torch.testing.assert_close(loaded(x, noise=noise).loss, model(x, noise=noise).loss, rtol=0, atol=0)
+    assert MAEModel.from_pretrained(tmp_path).encoder_mask_token is not None
+    classifier = MAEForImageClassification.from_pretrained(tmp_path, num_labels=3)
+    assert classifier.mae.encoder_mask_token is None  # never masks: no parameter without a gradient
+    classifier(x, labels=torch.tensor([0, 1])).loss.backward()
+    assert [n for n, p in classifier.named_parameters() if p.grad is None] == []
+
+
+def test_timm_export_leaves_the_encoder_mask_token_out(tiny_config):
+    from maekit.convert import to_official_state_dict, to_timm_state_dict
+
+    model = MAEForPreTraining(tiny_config(encoder_mask_token=True))
+    assert "encoder_mask_token" in to_official_state_dict(model)  # no clash with the decoder's `mask_token`
+    assert "mask_token" not in to_official_state_dict(model)  # this model's decoder has none
+    assert not any("mask_token" in key for key in to_timm_state_dict(model))

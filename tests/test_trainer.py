@@ -312,7 +312,9 @@ def test_outputs_model_card_reconstructions_and_trackers(tiny_config, tmp_path):
                      "![Reconstructions](reconstruction.png)", "per-patch normalized"):  # fmt: skip
         assert expected in card
     grid = Image.open(tmp_path / "reconstruction.png")
-    assert grid.size == (4 * 96 + 5 * 2, 2 * 96 + 3 * 2)  # 2 images x 4 columns, 32 px tiles enlarged x3
+    from maekit.visualize import HEADER_HEIGHT
+
+    assert grid.size == (4 * 96 + 5 * 2, HEADER_HEIGHT + 2 * 96 + 3 * 2)  # 2 images x 4 columns, 32 px tiles x3
     assert sorted(p.name for p in (tmp_path / "reconstructions").iterdir()) == ["step-0.png", "step-2.png"]
     assert list((tmp_path / "runs").rglob("events.out.tfevents.*"))
 

@@ -1,8 +1,9 @@
 """MAE pretraining as a task of the training loop, and `MAETrainer`, the loop with that task.
 
 Masks are reproducible: the mask noise of optimizer step `s` is drawn for the whole global batch from
-`sample_rng(seed, s, ...)` and sliced per process and micro-batch, so it depends neither on the number of processes nor
-on a resume; evaluation uses a fixed mask per evaluation image.
+`sample_rng(seed, s, ...)` with the model's `mask_strategy` (`maekit.masking.sample_mask_noise`) and sliced per process
+and micro-batch, so it depends neither on the number of processes nor on a resume; evaluation uses a fixed mask per
+evaluation image.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..data import sample_rng
+from ..masking import sample_mask_noise
 from ..visualize import reconstruction_grid
 from .arguments import MAETrainingArguments
 from .data_order import LOADER_STREAM
@@ -62,9 +64,11 @@ class PretrainingTask(Task):
     ) -> torch.Tensor:
         """The reconstruction loss of a micro-batch under its slice of the step's mask noise."""
         if self._noise_step != context.step:  # (G, L) noise for the whole global batch of this step
-            num_patches = trainer.accelerator.unwrap_model(model).config.num_patches
+            config = trainer.accelerator.unwrap_model(model).config
             generator = sample_rng(trainer.args.seed, context.step, _TRAIN_MASK_STREAM)
-            self._noise = torch.rand(context.global_batch_size, num_patches, generator=generator)
+            self._noise = sample_mask_noise(
+                config.mask_strategy, context.global_batch_size, config.grid_size, config.mask_ratio, generator
+            )
             self._noise_step = context.step
         pixel_values = batch["pixel_values"].to(context.device, non_blocking=True)
         noise = self._noise[context.offset : context.offset + pixel_values.shape[0]].to(context.device)
@@ -95,7 +99,7 @@ class PretrainingTask(Task):
             for batch in loader:
                 pixel_values = batch["pixel_values"].to(accelerator.device)
                 size = pixel_values.shape[0]
-                noise = self.eval_noise(trainer, indices[seen : seen + size], unwrapped.config.num_patches)
+                noise = self.eval_noise(trainer, indices[seen : seen + size], unwrapped.config)
                 with accelerator.autocast():
                     out = model(pixel_values=pixel_values, noise=noise.to(accelerator.device))
                 # Per-image losses from the model's own loss function, so padding can be weighted out.
@@ -106,11 +110,11 @@ class PretrainingTask(Task):
         return {"eval_loss": float(total.item() / num_eval)}
 
     @staticmethod
-    def eval_noise(trainer: Trainer, indices: list[int], num_patches: int) -> torch.Tensor:
-        """The fixed mask noise `(len(indices), num_patches)` of evaluation images `indices`."""
-        seed = trainer.args.seed
-        return torch.stack(
-            [torch.rand(num_patches, generator=sample_rng(seed, _EVAL_MASK_STREAM, i)) for i in indices]
+    def eval_noise(trainer: Trainer, indices: list[int], config) -> torch.Tensor:
+        """The fixed mask noise `(len(indices), num_patches)` of evaluation images `indices` (the model's strategy)."""
+        seed, strategy, grid, ratio = trainer.args.seed, config.mask_strategy, config.grid_size, config.mask_ratio
+        return torch.cat(
+            [sample_mask_noise(strategy, 1, grid, ratio, sample_rng(seed, _EVAL_MASK_STREAM, i)) for i in indices]
         )
 
     def after_evaluation(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> dict[str, float]:
@@ -139,7 +143,7 @@ class PretrainingTask(Task):
         model = trainer.model_for_inference()
         unwrapped = accelerator.unwrap_model(model)
         model.eval()
-        noise = self.eval_noise(trainer, list(range(count)), unwrapped.config.num_patches)
+        noise = self.eval_noise(trainer, list(range(count)), unwrapped.config)
         with torch.no_grad(), accelerator.autocast():  # every process runs it: FSDP needs all ranks in a forward
             out = model(pixel_values=pixel_values, noise=noise.to(accelerator.device))
         if not accelerator.is_main_process:
