@@ -317,7 +317,21 @@ class MAEModel(MAEPreTrainedModel):
     # A pretraining checkpoint also holds the decoder: loading just the encoder from it is expected, not an error.
     _keys_to_ignore_on_load_unexpected = [r"^decoder\."]
 
-    def __init__(self, config: MAEConfig, use_mask_token: bool | None = None):
+    def __init__(
+        self,
+        config: MAEConfig,
+        use_mask_token: bool | None = None,
+        trainable_pos_embed: bool = False,
+        final_norm: bool = True,
+    ):
+        """
+        Args:
+            config (`MAEConfig`): the architecture.
+            use_mask_token (`bool`, *optional*): hold the encoder mask token (default: `config.encoder_mask_token`).
+            trainable_pos_embed (`bool`): the position table is a trained parameter initialised with the sin-cos table
+                (official fine-tuning, timm's `VisionTransformer`) instead of a fixed buffer (pretraining).
+            final_norm (`bool`): end with a LayerNorm (else an `nn.Identity`: a mean-pooling head norms itself).
+        """
         super().__init__(config)
         config.validate()
         self.patch_embed = MAEPatchEmbed(config)
@@ -325,8 +339,12 @@ class MAEModel(MAEPreTrainedModel):
         use_mask_token = config.encoder_mask_token if use_mask_token is None else use_mask_token
         # Not `mask_token`: in the official key layout that name is the decoder's.
         self.encoder_mask_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size)) if use_mask_token else None
-        # Fixed sin-cos table (not trained); persistent so checkpoints carry it, as the official and transformers ones.
-        self.register_buffer("pos_embed", torch.zeros(1, 1 + config.num_patches, config.hidden_size))
+        # The sin-cos table, persistent either way so checkpoints carry it, as the official and transformers ones.
+        table = torch.zeros(1, 1 + config.num_patches, config.hidden_size)
+        if trainable_pos_embed:
+            self.pos_embed = nn.Parameter(table)
+        else:
+            self.register_buffer("pos_embed", table)
         depth = config.num_hidden_layers
         dpr = [config.drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linear in depth, as timm
         self.blocks = nn.ModuleList(
@@ -335,7 +353,7 @@ class MAEModel(MAEPreTrainedModel):
                 for i in range(config.num_hidden_layers)
             ]
         )
-        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if final_norm else nn.Identity()
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -661,14 +679,12 @@ class MAEForImageClassification(MAEPreTrainedModel):
     def __init__(self, config: MAEConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
-        self.mae = MAEModel(config, use_mask_token=False)  # never masks
-        if config.pooling == "mean":
-            # As the official global-pool model: no final encoder norm (it would get no gradient and stall DDP).
-            self.mae.norm = nn.Identity()
-        # As official fine-tuning (timm's VisionTransformer): the position table starts from the pretrained sin-cos
-        # one and is trained (layer 0 for layer decay, no weight decay).
-        table = self.mae._buffers.pop("pos_embed")
-        self.mae.pos_embed = nn.Parameter(table)
+        # As official fine-tuning (timm's VisionTransformer): never masks; the position table starts from the
+        # pretrained sin-cos one and is trained (layer 0 for layer decay, no weight decay); with mean pooling no final
+        # encoder norm (the official global-pool model: it would get no gradient and stall DDP).
+        self.mae = MAEModel(
+            config, use_mask_token=False, trainable_pos_embed=True, final_norm=config.pooling != "mean"
+        )
         self.fc_norm = (
             nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.pooling == "mean" else None
         )

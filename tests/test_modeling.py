@@ -364,3 +364,18 @@ def test_timm_export_leaves_the_encoder_mask_token_out(tiny_config):
     assert "encoder_mask_token" in to_official_state_dict(model)  # no clash with the decoder's `mask_token`
     assert "mask_token" not in to_official_state_dict(model)  # this model's decoder has none
     assert not any("mask_token" in key for key in to_timm_state_dict(model))
+
+
+def test_encoder_variants_are_constructor_options(tiny_config):
+    # The classifier's encoder is built with what it needs (a trained position table, no final norm with mean pooling)
+    # rather than edited after construction.
+    config = tiny_config()
+    fixed = MAEModel(config)
+    assert "pos_embed" in dict(fixed.named_buffers()) and "pos_embed" not in dict(fixed.named_parameters())
+    trained = MAEModel(config, trainable_pos_embed=True, final_norm=False)
+    assert "pos_embed" in dict(trained.named_parameters()) and isinstance(trained.norm, torch.nn.Identity)
+    torch.testing.assert_close(trained.pos_embed.detach(), fixed.pos_embed)  # the same sin-cos start
+    for pooling, has_norm in (("mean", False), ("cls", True)):
+        classifier = MAEForImageClassification(tiny_config(pooling=pooling, num_labels=3))
+        assert isinstance(classifier.mae.pos_embed, torch.nn.Parameter)
+        assert isinstance(classifier.mae.norm, torch.nn.LayerNorm) == has_norm
