@@ -544,11 +544,13 @@ class Trainer:
         # Before `train` the model is not wrapped; preparing it alone here would wrap it twice later.
         return self.wrapped_model if self.wrapped_model is not None else self.model.to(self.accelerator.device)
 
-    def eval_loader(self, indices: list[int], generator: torch.Generator | None = None):
-        """A loader of `eval_dataset[i] for i in indices`, in that order (this process's share, chosen by the task)."""
+    def eval_loader(self, indices: list[int] | None = None, generator: torch.Generator | None = None):
+        """A loader of `eval_dataset[i] for i in indices` in that order (this process's share, chosen by the task), or
+        of the whole `eval_dataset` in order; every sample kept, `maekit.data.collate_fn` batches."""
         return build_dataloader(
             self.eval_dataset,
             self.args.per_device_eval_batch_size,
+            shuffle=False,
             sampler=indices,
             drop_last=False,
             collate_fn=collate_fn,
@@ -558,19 +560,10 @@ class Trainer:
         )
 
     def sharded_eval_loader(self):
-        """A loader of the whole `eval_dataset` sharded over the processes by Accelerate (`gather_for_metrics` drops
-        the samples that pad the last batch); built once."""
+        """The whole `eval_dataset` sharded over the processes by Accelerate (`gather_for_metrics` drops the samples
+        that pad the last batch); built once."""
         if self._eval_loader is None:
-            loader = build_dataloader(
-                self.eval_dataset,
-                self.args.per_device_eval_batch_size,
-                shuffle=False,
-                drop_last=False,
-                collate_fn=collate_fn,
-                num_workers=self.args.dataloader_num_workers,
-                persistent_workers=False,
-            )
-            self._eval_loader = self.accelerator.prepare_data_loader(loader)
+            self._eval_loader = self.accelerator.prepare_data_loader(self.eval_loader())
         return self._eval_loader
 
     def image_statistics(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
