@@ -15,6 +15,7 @@ from PIL import Image
 
 from maekit import MAEForImageClassification, MAEForPreTraining, MAEImageProcessor, MAEModel
 from maekit.cli import build_parser, main, reference_markdown
+from maekit.export import export_model
 from maekit.features import extract_features_to_file, load_feature_file, open_image_source
 from maekit.inputs import load_image_processor
 from maekit.visualize import visualize_reconstructions
@@ -389,13 +390,32 @@ def test_export_without_onnx_says_what_to_install(capsys, pretrained, tmp_path, 
     )
 
 
-def test_same_size_bicubic_resize_is_the_identity():
-    # The export resizes the position table even at the trained size (no shape guard): that must change nothing.
-    from maekit.export import _resize_pos_embed_always
-    from maekit.modeling_mae import sincos_pos_embed_2d
+def test_position_table_is_resized_while_exporting_and_that_changes_nothing(monkeypatch, tiny_config, tmp_path):
+    # While exporting, the table is resized even at the trained grid (a same-size test would be a guard that fixes the
+    # image size); bicubic to the same grid must be the identity, bit for bit, on a real table and a trained-like one.
+    from maekit.modeling_mae import _resize_pos_embed, sincos_pos_embed_2d
 
-    table = sincos_pos_embed_2d(64, (6, 5))
-    assert torch.equal(_resize_pos_embed_always(table, (6, 5), (6, 5)), table)
+    tables = [sincos_pos_embed_2d(64, (6, 5)), torch.randn(1, 1 + 6 * 5, 64)]
+    assert all(_resize_pos_embed(table, (6, 5), (6, 5)) is table for table in tables)  # eager: the shortcut
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    for table in tables:
+        resized = _resize_pos_embed(table, (6, 5), (6, 5))
+        assert resized is not table and torch.equal(resized, table)
+    monkeypatch.delattr(torch.compiler, "is_exporting")  # torch < 2.6: is_compiling (true under export) decides
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    resized = _resize_pos_embed(tables[1], (6, 5), (6, 5))
+    assert resized is not tables[1] and torch.equal(resized, tables[1])
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    assert _resize_pos_embed(tables[1], (6, 5), (6, 5)) is tables[1]
+    monkeypatch.undo()
+    # Traced at 32x32, the program runs at other sizes and batches, as PyTorch with interpolate_pos_encoding does.
+    model = MAEModel(tiny_config()).eval()
+    program = torch.export.load(export_model(model, tmp_path / "encoder.pt2", "torch-export")).module()
+    for shape in ((2, 3, 32, 32), (1, 3, 48, 40), (3, 3, 16, 64)):
+        pixels = torch.randn(shape)
+        with torch.no_grad():
+            expected = model(pixels, interpolate_pos_encoding=True).last_hidden_state
+        torch.testing.assert_close(program(pixels), expected, rtol=0, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
