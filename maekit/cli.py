@@ -348,8 +348,6 @@ def _extract_features(args: argparse.Namespace) -> int:
     model = load_model(args.model, MAEModel)
     processor = load_image_processor(args.model, model.config)
     source = open_image_source(args.data, args.split, args.image_column, args.label_column)
-    # TODO(lead, after issue 10 item 14 merges): if maekit.evaluation / build_dataloader gain an extraction that keeps
-    # every sample and names bad files, maekit.features.extract_features_to_file can call it for the forward loop.
     parts = f"{args.output}.parts"
     try:
         result = extract_features_to_file(

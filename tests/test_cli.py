@@ -181,7 +181,7 @@ def labeled_folder(photos, tmp_path):
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".parquet"])
-def test_extract_features_keeps_every_input_in_order(capsys, pretrained, labeled_folder, tmp_path, suffix):
+def test_extract_features_keeps_every_input_in_order(capsys, caplog, pretrained, labeled_folder, tmp_path, suffix):
     output = tmp_path / f"features{suffix}"
     # batch 2 over 6 inputs with chunks of 4: a partial last batch, a chunk boundary inside the data, one bad file.
     out = run(
@@ -189,6 +189,7 @@ def test_extract_features_keeps_every_input_in_order(capsys, pretrained, labeled
         "--chunk-size", "4", "--num-workers", "0", "--no-progress",
     )  # fmt: skip
     assert "5 of 6 inputs" in out and "1 bad file(s)" in out and "things/broken.png" in out
+    assert not [record for record in caplog.records if record.name == "maekit.data"]  # listed once, at the end
     names = sorted(p.relative_to(labeled_folder).as_posix() for p in labeled_folder.rglob("*.*"))
     good = [name for name in names if name != "things/broken.png"]
     loaded = load_feature_file(output)
@@ -266,19 +267,18 @@ def test_extract_features_from_a_file_list_and_from_datasets(capsys, pretrained,
     features = datasets.Features(
         {"img": datasets.Image(), "kind": datasets.ClassLabel(names=["person", "cat", "man"])}
     )
-    dataset = datasets.Dataset.from_dict({"img": images, "kind": [0, 1, 2]}, features=features)
+    # A broken record in the middle (bytes that are no image) keeps its place: left out, named by position.
+    records = [images[0], {"bytes": b"\x89PNG broken", "path": None}, images[1], images[2]]
+    dataset = datasets.Dataset.from_dict({"img": records, "kind": [0, 1, 1, 2]}, features=features)
     dataset.save_to_disk(tmp_path / "saved")
-    run(
-        capsys,
-        "extract-features",
-        pretrained,
-        tmp_path / "saved",
-        "--output",
-        tmp_path / "ds.safetensors",
-        "--no-progress",
-    )
+    out = run(
+        capsys, "extract-features", pretrained, tmp_path / "saved", "--output", tmp_path / "ds.safetensors",
+        "--no-progress", "--batch-size", "3", "--num-workers", "2",
+    )  # fmt: skip
+    assert "3 of 4 inputs" in out and "1 bad file(s)" in out and "sample 1: cannot decode" in out
     loaded = load_feature_file(tmp_path / "ds.safetensors")
-    assert loaded.file_names == ["train[0]", "train[1]", "train[2]"]
+    assert loaded.file_names == ["train[0]", "train[2]", "train[3]"] and loaded.indices.tolist() == [0, 2, 3]
+    assert [(bad["index"], bad["file"]) for bad in loaded.bad_files] == [(1, "train[1]")]
     assert loaded.labels.tolist() == [0, 1, 2] and loaded.label_names == ["person", "cat", "man"]
     model = MAEModel.from_pretrained(pretrained).eval()
     processor = load_image_processor(str(pretrained), model.config)
