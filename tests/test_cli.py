@@ -24,7 +24,7 @@ skdata = pytest.importorskip("skimage.data")
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera")  # camera is grayscale
-COMMANDS = ("visualize", "extract-features", "convert", "export", "info")
+COMMANDS = ("visualize", "extract-features", "convert", "export", "info", "write-shards")
 
 
 def save_model(model, folder: Path) -> Path:
@@ -464,6 +464,51 @@ def test_info_reads_presets_and_transformers_folders(capsys, tmp_path, tiny_conf
     assert f"total {sum(p.numel() for p in model.parameters()):,}" in out
     assert "must be a positive multiple of patch_size 8x8" in usage_error(
         capsys, "info", tmp_path / "hf", "--image-size", "30"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# write-shards
+
+
+def test_write_shards_end_to_end(capsys, labeled_folder, tmp_path):
+    from maekit.data import load_image_dataset
+    from maekit.shards import ShardReader, expand_shard_urls
+
+    out = run(capsys, "write-shards", labeled_folder, tmp_path / "shards", "--max-samples-per-shard", "2")
+    pattern = out.strip().rsplit(": ", 1)[1]
+    assert out.startswith("Wrote 3 shard(s)") and pattern == f"{tmp_path}/shards/shard-{{000000..000002}}.tar"
+    # Every file in path order with its own bytes (the broken one too: the dataset skips it when decoding fails)
+    # and its class as the label.
+    names = sorted(path.relative_to(labeled_folder).as_posix() for path in labeled_folder.rglob("*.*"))
+    records = list(ShardReader(expand_shard_urls(pattern), shuffle_buffer=0, shuffle_shards=False))
+    assert [record["image"]["bytes"] for record in records] == [(labeled_folder / name).read_bytes() for name in names]
+    assert [record["label"] for record in records] == [0 if name.startswith("animals") else 1 for name in names]
+    assert [record["__key__"] for record in records] == [f"{index:09d}" for index in range(len(names))]
+    train, _ = load_image_dataset(pattern, shuffle_buffer=0)
+    assert train.num_shards == 3 and train.has_labels
+    # The same source gives the same bytes.
+    run(capsys, "write-shards", labeled_folder, tmp_path / "again", "--max-samples-per-shard", "2")
+    for shard in sorted((tmp_path / "shards").iterdir()):
+        assert shard.read_bytes() == (tmp_path / "again" / shard.name).read_bytes()
+
+
+def test_write_shards_errors(capsys, labeled_folder, tmp_path):
+    assert "maekit write-shards: error: SOURCE ./no/such/folder: no such file or folder" in usage_error(
+        capsys, "write-shards", "./no/such/folder", tmp_path / "out"
+    )
+    assert "max_shard_size must be a positive number of bytes or a size like '256MB', got '12XB'" in usage_error(
+        capsys, "write-shards", labeled_folder, tmp_path / "out", "--max-shard-size", "12XB"
+    )
+    assert "--max-samples-per-shard: expected an integer >= 1" in usage_error(
+        capsys, "write-shards", labeled_folder, tmp_path / "out", "--max-samples-per-shard", "0"
+    )
+    run(capsys, "write-shards", labeled_folder, tmp_path / "out")
+    assert "already holds shards named shard-*.tar" in usage_error(
+        capsys, "write-shards", labeled_folder, tmp_path / "out"
+    )
+    assert "split='test' not found" in usage_error(
+        capsys, "write-shards", labeled_folder, tmp_path / "other", "--split", "test"
     )
 
 
