@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import importlib
-import logging
 import pkgutil
 import re
 
@@ -66,18 +65,3 @@ def on_page_markdown(markdown, page, config, files):
 
         markdown = markdown.replace(CLI_MARKER, reference_markdown())
     return markdown
-
-
-# Docstring warnings known on this branch, in files another branch owns; each goes when its docstring is fixed.
-# TODO(lead, after merge): data.py `decode_image` "Raises:" wants `BadImageError: for an empty record ...`.
-KNOWN_DOCSTRING_WARNINGS = (("maekit/data.py", "`BadImageError` for an empty record"),)
-
-
-class _KnownWarnings(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not any(path in message and text in message for path, text in KNOWN_DOCSTRING_WARNINGS)
-
-
-def on_startup(command, dirty):
-    logging.getLogger("mkdocs.plugins.griffe").addFilter(_KnownWarnings())

@@ -1,9 +1,9 @@
-"""The `maekit` command line: `visualize`, `extract-features`, `convert`, `export`, `info`.
+"""The `maekit` command line: `visualize`, `extract-features`, `convert`, `export`, `info`, `write-shards`.
 
 Run `maekit --help` or `maekit <command> --help` (also `python -m maekit ...`). This module only parses arguments and
 wires them to library functions (`maekit.inputs`, `maekit.features`, `maekit.export`, `maekit.info`,
-`maekit.visualize`, `maekit.convert`). A user error (a missing file, a model without the needed part, a bad
-argument value) ends as `maekit <command>: error: ...` with exit status 2, never a traceback.
+`maekit.visualize`, `maekit.convert`, `maekit.shard_writer`). A user error (a missing file, a model without the
+needed part, a bad argument value) ends as `maekit <command>: error: ...` with exit status 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ __all__ = ["build_parser", "main", "reference_markdown"]
 # TODO(lead, after issue 12 merges): add "block" and "grid" here and pass the strategy in `_reconstruction_figure`.
 MASK_STRATEGIES = ("random",)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_DESCRIPTION = "Masked Autoencoders (He et al., 2021): reconstructions, features, export and model facts."
+_DESCRIPTION = "Masked Autoencoders (He et al., 2021): reconstructions, features, export, model facts and data shards."
 
 
 def _size(value: str) -> tuple[int, int]:
@@ -212,6 +212,39 @@ def _add_info(commands) -> None:
     parser.set_defaults(handler=_info, parser=parser)
 
 
+def _add_write_shards(commands) -> None:
+    parser = commands.add_parser(
+        "write-shards",
+        help="write an image data set as WebDataset-style tar shards",
+        description=(
+            "Write every sample of SOURCE, in order, as tar shards OUTPUT_DIR/PREFIX-000000.tar, ...: each image keeps "
+            "its own bytes (no re-encoding), a label becomes a .cls member, and the same SOURCE gives byte-identical "
+            "shards. Read them back with maekit.data.load_image_dataset(PATTERN) or maekit.shards."
+        ),
+    )
+    parser.add_argument(
+        "source",
+        metavar="SOURCE",
+        help=(
+            "a folder of images (one sub-folder per class gives labels), a datasets folder (save_to_disk or parquet "
+            "files), data files or a glob, a Hub dataset id, or other tar shards (a pattern)"
+        ),
+    )
+    parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="folder for the shards (created)")
+    parser.add_argument(
+        "--max-shard-size",
+        default="256MB",
+        help="close a shard before it grows past this, e.g. 256MB, 1GiB or bytes (default: %(default)s)",
+    )
+    parser.add_argument("--max-samples-per-shard", type=_positive, help="also close a shard after this many samples")
+    parser.add_argument("--prefix", default="shard", help="file name prefix of the shards (default: %(default)s)")
+    parser.add_argument("--split", default="train", help="split of SOURCE to write (default: %(default)s)")
+    parser.add_argument("--config-name", help="configuration of a Hub dataset")
+    parser.add_argument("--image-column", help="image column (default: found automatically)")
+    parser.add_argument("--label-column", help="label column (default: found automatically; none when absent)")
+    parser.set_defaults(handler=_write_shards, parser=parser)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `maekit` argument parser with one sub-parser per command."""
     from . import __version__
@@ -219,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maekit", description=_DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"maekit {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_visualize, _add_extract_features, _add_convert, _add_export, _add_info):
+    for add in (_add_visualize, _add_extract_features, _add_convert, _add_export, _add_info, _add_write_shards):
         add(commands)
     return parser
 
@@ -348,8 +381,6 @@ def _extract_features(args: argparse.Namespace) -> int:
     model = load_model(args.model, MAEModel)
     processor = load_image_processor(args.model, model.config)
     source = open_image_source(args.data, args.split, args.image_column, args.label_column)
-    # TODO(lead, after issue 10 item 14 merges): if maekit.evaluation / build_dataloader gain an extraction that keeps
-    # every sample and names bad files, maekit.features.extract_features_to_file can call it for the forward loop.
     parts = f"{args.output}.parts"
     try:
         result = extract_features_to_file(
@@ -453,6 +484,29 @@ def _info(args: argparse.Namespace) -> int:
 
     info = model_info(args.model, image_size=args.image_size, mask_ratio=args.mask_ratio)
     print(json.dumps(info.to_dict(), indent=2) if args.json else info.format())
+    return 0
+
+
+def _write_shards(args: argparse.Namespace) -> int:
+    from .shard_writer import shard_pattern, write_shards
+
+    source = args.source
+    if source.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(source)):
+        if not any(char in source for char in "*?[{"):  # not a glob or a brace pattern of shards either
+            raise ValueError(f"SOURCE {source}: no such file or folder.")
+    paths = write_shards(
+        source,
+        args.output_dir,
+        max_shard_size=args.max_shard_size,
+        max_samples_per_shard=args.max_samples_per_shard,
+        prefix=args.prefix,
+        image_column=args.image_column,
+        label_column=args.label_column,
+        split=args.split,
+        config_name=args.config_name,
+    )
+    total = sum(os.path.getsize(path) for path in paths)
+    print(f"Wrote {len(paths)} shard(s), {total / 1e6:.1f} MB: {shard_pattern(paths)}")
     return 0
 
 

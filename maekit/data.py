@@ -303,7 +303,10 @@ def decode_image(value: Any, max_image_pixels: int | None = None) -> Image.Image
     refuses images above twice its own limit: raise `Image.MAX_IMAGE_PIXELS` too to go beyond that).
 
     Raises:
-        `BadImageError` for an empty record or an image over the pixel limit; PIL's errors for undecodable data.
+        BadImageError: an empty record, or an image over the pixel limit.
+        TypeError: a value of another type.
+        OSError: a missing file, or data that PIL cannot identify as an image (`PIL.UnidentifiedImageError`); PIL's
+            decoding errors can also surface later, when the pixels are first used.
     """
     limit = Image.MAX_IMAGE_PIXELS if max_image_pixels is None else max_image_pixels
     name = _source_name(value)
@@ -725,7 +728,7 @@ def load_image_dataset(
         `test`), else the carved split, else `None`.
 
     Raises:
-        `ValueError` naming the path when it holds no data, or the split is missing or empty.
+        ValueError: naming the path when it holds no data, or the split is missing or empty.
     """
 
     from .shards import ShardedImageDataset, is_shard_pattern

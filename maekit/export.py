@@ -19,10 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from . import modeling_mae
 from .modeling_mae import MAEForImageClassification, MAEModel
 
 __all__ = ["EXPORT_FORMATS", "ExportCheck", "check_export", "export_model", "sample_images"]
@@ -44,33 +42,6 @@ class _Exportable(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         out = self.model(pixel_values, interpolate_pos_encoding=self.dynamic_size)
         return out.logits if isinstance(self.model, MAEForImageClassification) else out.last_hidden_state
-
-
-def _resize_pos_embed_always(pos_embed: torch.Tensor, old_grid, new_grid) -> torch.Tensor:
-    """`modeling_mae._resize_pos_embed` without its same-size shortcut.
-
-    The shortcut compares the traced grid with the configured one, which `torch.export` records as a guard that
-    fixes the image size. A bicubic resize to the same grid is the identity (bit for bit, checked in the tests), so
-    always resizing changes no number.
-    """
-    cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
-    dim = pos_embed.shape[-1]
-    patch_pos = patch_pos.reshape(1, *old_grid, dim).permute(0, 3, 1, 2)
-    patch_pos = F.interpolate(patch_pos.float(), size=tuple(new_grid), mode="bicubic", align_corners=False)
-    patch_pos = patch_pos.to(pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, -1, dim)
-    return torch.cat([cls_pos, patch_pos], dim=1)
-
-
-@contextlib.contextmanager
-def _traceable_pos_embed() -> Iterator[None]:
-    # TODO(lead, after merge): replace this patch by `if old_grid == new_grid and not torch.compiler.is_exporting()`
-    # in modeling_mae._resize_pos_embed; this context manager then goes away.
-    original = modeling_mae._resize_pos_embed
-    modeling_mae._resize_pos_embed = _resize_pos_embed_always
-    try:
-        yield
-    finally:
-        modeling_mae._resize_pos_embed = original
 
 
 @contextlib.contextmanager
@@ -155,7 +126,7 @@ def export_model(
     wrapper = _Exportable(model, dynamic_size).eval()
     dynamic_shapes = _dynamic_shapes(model, dynamic_batch, dynamic_size)
     output.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad(), _traceable_pos_embed(), _quiet_exporter():
+    with torch.no_grad(), _quiet_exporter():
         if format == "torch-export":
             torch.export.save(torch.export.export(wrapper, example, dynamic_shapes=dynamic_shapes), output)
         else:

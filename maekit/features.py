@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -32,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .data import BadImageError, MAEImageDataset
+from .data import MAEImageDataset, collate_fn
 from .image_processing_mae import MAEImageProcessor
 from .inputs import IMAGE_SUFFIXES, find_images, read_file_list
 
@@ -191,7 +192,8 @@ class FeatureFile:
         file_names (`list[str]`): the name of each row's input.
         labels (`torch.Tensor`, *optional*): int64 `(N,)` class indices, when the inputs had labels.
         label_names (`list[str]`, *optional*): class names indexed by label.
-        bad_files (`list[dict]`): `{"index", "file", "error"}` for every input that could not be decoded.
+        bad_files (`list[dict]`): `{"index", "file", "error"}` for every input that could not be decoded; `error` is
+            the message of `MAEImageDataset(mark_bad_images=True)`, which names the file.
         metadata (`dict`): `pooling`, `model`, `data`, `num_inputs`.
     """
 
@@ -213,7 +215,7 @@ class ExtractionResult:
         num_inputs (`int`): inputs read (encoded + bad).
         num_encoded (`int`): rows in the output.
         feature_shape (`tuple[int, ...]`): shape of one row's features.
-        bad_files (`list[dict]`): `{"index", "file", "error"}` of every input left out.
+        bad_files (`list[dict]`): `{"index", "file", "error"}` of every input left out (as in `FeatureFile`).
         resumed_inputs (`int`): inputs whose chunks an earlier, interrupted run had already written.
     """
 
@@ -235,33 +237,16 @@ class _ProcessorTransform:
         return self.processor(image, return_tensors="pt")["pixel_values"][0]
 
 
-class _Inputs(torch.utils.data.Dataset):
-    """Item `i` is `{"index": i, "pixel_values"}`, or `{"index": i, "error"}` for an input that cannot be decoded."""
-
-    def __init__(self, source: ImageSource, processor: MAEImageProcessor):
-        self.images = MAEImageDataset(
-            source.records, _ProcessorTransform(processor), image_column=source.image_column, skip_bad_images=False
-        )
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        try:
-            return {"index": index, "pixel_values": self.images[index]["pixel_values"]}
-        except BadImageError as err:
-            # The decoder's own error (the name is stored next to it); maekit's message when there is none.
-            cause = err.__cause__
-            return {"index": index, "error": f"{type(cause).__name__}: {cause}" if cause is not None else str(err)}
-
-
-def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    good = [sample for sample in samples if "pixel_values" in sample]
-    return {
-        "indices": [sample["index"] for sample in good],
-        "pixel_values": torch.stack([sample["pixel_values"] for sample in good]) if good else None,
-        "errors": [(sample["index"], sample["error"]) for sample in samples if "error" in sample],
-    }
+@contextlib.contextmanager
+def _quiet_bad_image_warnings() -> Iterator[None]:
+    """No `maekit.data` warning per bad file (DataLoader workers started inside inherit this where they fork)."""
+    data_logger = logging.getLogger("maekit.data")
+    level = data_logger.level
+    data_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        data_logger.setLevel(level)
 
 
 def _pool(hidden: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -384,11 +369,15 @@ def extract_features_to_file(
         end = min((chunk + 1) * chunk_size, len(source))
         starts = range(chunk * chunk_size, end, batch_size)
         plan += [(chunk, list(range(start, min(start + batch_size, end))), start == starts[-1]) for start in starts]
+    # A file that cannot be decoded keeps its place as a marked item (zeros, and the error naming it): never replaced.
+    images = MAEImageDataset(
+        source.records, _ProcessorTransform(image_processor), image_column=source.image_column, mark_bad_images=True
+    )
     loader = torch.utils.data.DataLoader(
-        _Inputs(source, image_processor),
+        images,
         batch_sampler=[indices for _, indices, _ in plan],
         num_workers=num_workers,
-        collate_fn=_collate,
+        collate_fn=collate_fn,
         pin_memory=device.type == "cuda",
     )
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
@@ -399,23 +388,28 @@ def extract_features_to_file(
     feature_shape = _empty_shape(encoder, pooling)
     pending: dict[str, list] = {"features": [], "indices": [], "errors": []}
     try:
-        for (chunk, indices, last_of_chunk), batch in zip(plan, loader):
-            if batch["pixel_values"] is not None:
-                with autocast:
-                    hidden = encoder(batch["pixel_values"].to(device, non_blocking=True)).last_hidden_state
-                features = _pool(hidden, pooling).float().cpu()  # (B, D) or (B, 1 + L, D)
-                feature_shape = tuple(features.shape[1:])
-                pending["features"].append(features)
-                pending["indices"] += batch["indices"]
-            pending["errors"] += batch["errors"]
-            num_bad += len(batch["errors"])
-            bar.update(len(indices))
-            bar.set_postfix(bad=num_bad, refresh=False)
-            if last_of_chunk:
-                _write_chunk(parts, chunk, pending, feature_shape)
-                pending = {"features": [], "indices": [], "errors": []}
-                if on_chunk is not None:
-                    on_chunk(chunk)
+        with _quiet_bad_image_warnings():  # the bar counts bad files, the result lists them: no line per file
+            for (chunk, indices, last_of_chunk), batch in zip(plan, loader):
+                markers = batch["bad_images"]  # None, or the error naming the file, per item
+                good = [row for row, marker in enumerate(markers) if marker is None]
+                if good:
+                    pixel_values = batch["pixel_values"] if len(good) == len(indices) else batch["pixel_values"][good]
+                    with autocast:
+                        hidden = encoder(pixel_values.to(device, non_blocking=True)).last_hidden_state
+                    features = _pool(hidden, pooling).float().cpu()  # (B, D) or (B, 1 + L, D)
+                    feature_shape = tuple(features.shape[1:])
+                    pending["features"].append(features)
+                    pending["indices"] += [indices[row] for row in good]
+                errors = [(indices[row], marker) for row, marker in enumerate(markers) if marker is not None]
+                pending["errors"] += errors
+                num_bad += len(errors)
+                bar.update(len(indices))
+                bar.set_postfix(bad=num_bad, refresh=False)
+                if last_of_chunk:
+                    _write_chunk(parts, chunk, pending, feature_shape)
+                    pending = {"features": [], "indices": [], "errors": []}
+                    if on_chunk is not None:
+                        on_chunk(chunk)
     finally:
         bar.close()
         encoder.train(was_training)
@@ -623,7 +617,7 @@ def describe(result: ExtractionResult, pooling: str, max_listed: int = 20) -> st
     ]
     if result.bad_files:
         lines.append(f"{len(result.bad_files)} bad file(s) left out (listed in the output's bad_files):")
-        lines += [f"  {bad['file']}: {bad['error']}" for bad in result.bad_files[:max_listed]]
+        lines += [f"  {bad['error']}" for bad in result.bad_files[:max_listed]]  # each message names its file
         if len(result.bad_files) > max_listed:
             lines.append(f"  ... and {len(result.bad_files) - max_listed} more")
     else:

@@ -88,7 +88,12 @@ class MAEForPreTrainingOutput(ModelOutput):
 def _resize_pos_embed(pos_embed: torch.Tensor, old_grid, new_grid) -> torch.Tensor:
     """Bicubic 2-D resize of a (1, 1 + gh*gw, D) table to another grid (as transformers and the official fine-tuning)."""
     old_grid, new_grid = tuple(old_grid), tuple(new_grid)
-    if old_grid == new_grid:
+    # Under torch.export the size comparison would become a guard that fixes the image size, so the table is resized
+    # even at the same grid there (bicubic to the same size is the identity, bit for bit). `exporting` is tested
+    # first: evaluating the comparison at all records the guard. torch < 2.6 has no is_exporting; is_compiling covers
+    # export too.
+    exporting = getattr(torch.compiler, "is_exporting", torch.compiler.is_compiling)()
+    if not exporting and old_grid == new_grid:
         return pos_embed
     cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
     dim = pos_embed.shape[-1]

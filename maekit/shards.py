@@ -101,7 +101,7 @@ def expand_shard_urls(urls: str | Sequence[str]) -> list[str]:
     """The shard URLs named by a brace pattern, a local glob, a single path or URL, or a list of those.
 
     Raises:
-        `ValueError` when the pattern names nothing, or a local shard does not exist.
+        ValueError: the pattern names nothing, or a local shard does not exist.
     """
     patterns = [urls] if isinstance(urls, (str, os.PathLike)) else list(urls)
     expanded: list[str] = []
@@ -164,7 +164,8 @@ class _TarCursor:
         members skipped. The last answer is kept: the header that ends a sample is parsed once, not twice.
 
         Raises:
-            `_CorruptHeader` for a header that is not a tar header; `EOFError` for an extended header cut short.
+            _CorruptHeader: a header that is not a tar header.
+            EOFError: an extended header cut short.
         """
         if self._last_header is not None and self._last_header[0] == offset:
             return self._last_header[1]

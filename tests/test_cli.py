@@ -15,6 +15,7 @@ from PIL import Image
 
 from maekit import MAEForImageClassification, MAEForPreTraining, MAEImageProcessor, MAEModel
 from maekit.cli import build_parser, main, reference_markdown
+from maekit.export import export_model
 from maekit.features import extract_features_to_file, load_feature_file, open_image_source
 from maekit.inputs import load_image_processor
 from maekit.visualize import HEADER_HEIGHT, visualize_reconstructions
@@ -23,7 +24,7 @@ skdata = pytest.importorskip("skimage.data")
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera")  # camera is grayscale
-COMMANDS = ("visualize", "extract-features", "convert", "export", "info")
+COMMANDS = ("visualize", "extract-features", "convert", "export", "info", "write-shards")
 
 
 def save_model(model, folder: Path) -> Path:
@@ -180,7 +181,7 @@ def labeled_folder(photos, tmp_path):
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".parquet"])
-def test_extract_features_keeps_every_input_in_order(capsys, pretrained, labeled_folder, tmp_path, suffix):
+def test_extract_features_keeps_every_input_in_order(capsys, caplog, pretrained, labeled_folder, tmp_path, suffix):
     output = tmp_path / f"features{suffix}"
     # batch 2 over 6 inputs with chunks of 4: a partial last batch, a chunk boundary inside the data, one bad file.
     out = run(
@@ -188,6 +189,7 @@ def test_extract_features_keeps_every_input_in_order(capsys, pretrained, labeled
         "--chunk-size", "4", "--num-workers", "0", "--no-progress",
     )  # fmt: skip
     assert "5 of 6 inputs" in out and "1 bad file(s)" in out and "things/broken.png" in out
+    assert not [record for record in caplog.records if record.name == "maekit.data"]  # listed once, at the end
     names = sorted(p.relative_to(labeled_folder).as_posix() for p in labeled_folder.rglob("*.*"))
     good = [name for name in names if name != "things/broken.png"]
     loaded = load_feature_file(output)
@@ -265,19 +267,18 @@ def test_extract_features_from_a_file_list_and_from_datasets(capsys, pretrained,
     features = datasets.Features(
         {"img": datasets.Image(), "kind": datasets.ClassLabel(names=["person", "cat", "man"])}
     )
-    dataset = datasets.Dataset.from_dict({"img": images, "kind": [0, 1, 2]}, features=features)
+    # A broken record in the middle (bytes that are no image) keeps its place: left out, named by position.
+    records = [images[0], {"bytes": b"\x89PNG broken", "path": None}, images[1], images[2]]
+    dataset = datasets.Dataset.from_dict({"img": records, "kind": [0, 1, 1, 2]}, features=features)
     dataset.save_to_disk(tmp_path / "saved")
-    run(
-        capsys,
-        "extract-features",
-        pretrained,
-        tmp_path / "saved",
-        "--output",
-        tmp_path / "ds.safetensors",
-        "--no-progress",
-    )
+    out = run(
+        capsys, "extract-features", pretrained, tmp_path / "saved", "--output", tmp_path / "ds.safetensors",
+        "--no-progress", "--batch-size", "3", "--num-workers", "2",
+    )  # fmt: skip
+    assert "3 of 4 inputs" in out and "1 bad file(s)" in out and "sample 1: cannot decode" in out
     loaded = load_feature_file(tmp_path / "ds.safetensors")
-    assert loaded.file_names == ["train[0]", "train[1]", "train[2]"]
+    assert loaded.file_names == ["train[0]", "train[2]", "train[3]"] and loaded.indices.tolist() == [0, 2, 3]
+    assert [(bad["index"], bad["file"]) for bad in loaded.bad_files] == [(1, "train[1]")]
     assert loaded.labels.tolist() == [0, 1, 2] and loaded.label_names == ["person", "cat", "man"]
     model = MAEModel.from_pretrained(pretrained).eval()
     processor = load_image_processor(str(pretrained), model.config)
@@ -389,13 +390,32 @@ def test_export_without_onnx_says_what_to_install(capsys, pretrained, tmp_path, 
     )
 
 
-def test_same_size_bicubic_resize_is_the_identity():
-    # The export resizes the position table even at the trained size (no shape guard): that must change nothing.
-    from maekit.export import _resize_pos_embed_always
-    from maekit.modeling_mae import sincos_pos_embed_2d
+def test_position_table_is_resized_while_exporting_and_that_changes_nothing(monkeypatch, tiny_config, tmp_path):
+    # While exporting, the table is resized even at the trained grid (a same-size test would be a guard that fixes the
+    # image size); bicubic to the same grid must be the identity, bit for bit, on a real table and a trained-like one.
+    from maekit.modeling_mae import _resize_pos_embed, sincos_pos_embed_2d
 
-    table = sincos_pos_embed_2d(64, (6, 5))
-    assert torch.equal(_resize_pos_embed_always(table, (6, 5), (6, 5)), table)
+    tables = [sincos_pos_embed_2d(64, (6, 5)), torch.randn(1, 1 + 6 * 5, 64)]
+    assert all(_resize_pos_embed(table, (6, 5), (6, 5)) is table for table in tables)  # eager: the shortcut
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    for table in tables:
+        resized = _resize_pos_embed(table, (6, 5), (6, 5))
+        assert resized is not table and torch.equal(resized, table)
+    monkeypatch.delattr(torch.compiler, "is_exporting")  # torch < 2.6: is_compiling (true under export) decides
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    resized = _resize_pos_embed(tables[1], (6, 5), (6, 5))
+    assert resized is not tables[1] and torch.equal(resized, tables[1])
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    assert _resize_pos_embed(tables[1], (6, 5), (6, 5)) is tables[1]
+    monkeypatch.undo()
+    # Traced at 32x32, the program runs at other sizes and batches, as PyTorch with interpolate_pos_encoding does.
+    model = MAEModel(tiny_config()).eval()
+    program = torch.export.load(export_model(model, tmp_path / "encoder.pt2", "torch-export")).module()
+    for shape in ((2, 3, 32, 32), (1, 3, 48, 40), (3, 3, 16, 64)):
+        pixels = torch.randn(shape)
+        with torch.no_grad():
+            expected = model(pixels, interpolate_pos_encoding=True).last_hidden_state
+        torch.testing.assert_close(program(pixels), expected, rtol=0, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -444,6 +464,51 @@ def test_info_reads_presets_and_transformers_folders(capsys, tmp_path, tiny_conf
     assert f"total {sum(p.numel() for p in model.parameters()):,}" in out
     assert "must be a positive multiple of patch_size 8x8" in usage_error(
         capsys, "info", tmp_path / "hf", "--image-size", "30"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# write-shards
+
+
+def test_write_shards_end_to_end(capsys, labeled_folder, tmp_path):
+    from maekit.data import load_image_dataset
+    from maekit.shards import ShardReader, expand_shard_urls
+
+    out = run(capsys, "write-shards", labeled_folder, tmp_path / "shards", "--max-samples-per-shard", "2")
+    pattern = out.strip().rsplit(": ", 1)[1]
+    assert out.startswith("Wrote 3 shard(s)") and pattern == f"{tmp_path}/shards/shard-{{000000..000002}}.tar"
+    # Every file in path order with its own bytes (the broken one too: the dataset skips it when decoding fails)
+    # and its class as the label.
+    names = sorted(path.relative_to(labeled_folder).as_posix() for path in labeled_folder.rglob("*.*"))
+    records = list(ShardReader(expand_shard_urls(pattern), shuffle_buffer=0, shuffle_shards=False))
+    assert [record["image"]["bytes"] for record in records] == [(labeled_folder / name).read_bytes() for name in names]
+    assert [record["label"] for record in records] == [0 if name.startswith("animals") else 1 for name in names]
+    assert [record["__key__"] for record in records] == [f"{index:09d}" for index in range(len(names))]
+    train, _ = load_image_dataset(pattern, shuffle_buffer=0)
+    assert train.num_shards == 3 and train.has_labels
+    # The same source gives the same bytes.
+    run(capsys, "write-shards", labeled_folder, tmp_path / "again", "--max-samples-per-shard", "2")
+    for shard in sorted((tmp_path / "shards").iterdir()):
+        assert shard.read_bytes() == (tmp_path / "again" / shard.name).read_bytes()
+
+
+def test_write_shards_errors(capsys, labeled_folder, tmp_path):
+    assert "maekit write-shards: error: SOURCE ./no/such/folder: no such file or folder" in usage_error(
+        capsys, "write-shards", "./no/such/folder", tmp_path / "out"
+    )
+    assert "max_shard_size must be a positive number of bytes or a size like '256MB', got '12XB'" in usage_error(
+        capsys, "write-shards", labeled_folder, tmp_path / "out", "--max-shard-size", "12XB"
+    )
+    assert "--max-samples-per-shard: expected an integer >= 1" in usage_error(
+        capsys, "write-shards", labeled_folder, tmp_path / "out", "--max-samples-per-shard", "0"
+    )
+    run(capsys, "write-shards", labeled_folder, tmp_path / "out")
+    assert "already holds shards named shard-*.tar" in usage_error(
+        capsys, "write-shards", labeled_folder, tmp_path / "out"
+    )
+    assert "split='test' not found" in usage_error(
+        capsys, "write-shards", labeled_folder, tmp_path / "other", "--split", "test"
     )
 
 

@@ -12,6 +12,7 @@ other modules add later are picked up without editing this file.
 import importlib
 import importlib.util
 import inspect
+import logging
 import os
 import pkgutil
 import re
@@ -148,3 +149,38 @@ def test_site_hooks_generate_the_api_and_cli_references():
     page = hooks.on_page_markdown(f"# CLI\n\n{hooks.CLI_MARKER}\n", None, None, None)
     assert "usage: maekit extract-features" in page and hooks.CLI_MARKER not in page
     assert (ROOT / "docs" / "cli.md").read_text().count(hooks.CLI_MARKER) == 1
+
+
+def test_site_navigation_lists_every_page():
+    # mkdocs.yml also makes an omitted page a warning (validation.nav.omitted_files), which `--strict` turns into an
+    # error; this finds it without building the site.
+    yaml = pytest.importorskip("yaml")
+    config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
+
+    def pages(nav) -> list[str]:
+        if isinstance(nav, str):
+            return [nav]
+        items = nav.values() if isinstance(nav, dict) else nav
+        return [page for item in items for page in pages(item)]
+
+    listed = pages(config["nav"])
+    assert len(listed) == len(set(listed)), "a page is listed twice"
+    assert set(listed) == {path.name for path in (ROOT / "docs").glob("*.md")}
+
+
+def test_docstrings_parse_without_warnings(caplog):
+    # What the site's API reference (mkdocstrings, griffe's Google parser, mkdocs.yml's options) warns about, e.g. a
+    # "Raises:" line that is not `ExceptionType: description`; `mkdocs build --strict` fails on any of them.
+    griffe = pytest.importorskip("griffe")
+    options = {"ignore_init_summary": True, "warn_unknown_params": False, "warn_missing_types": False}
+
+    def parse(obj) -> None:
+        if obj.docstring is not None:
+            obj.docstring.parse("google", **options)
+        for member in obj.members.values():
+            if not member.is_alias:
+                parse(member)
+
+    with caplog.at_level(logging.WARNING, logger="griffe"):
+        parse(griffe.load("maekit", search_paths=[str(ROOT)], resolve_aliases=False))
+    assert [record.getMessage() for record in caplog.records] == []
