@@ -17,11 +17,12 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from .configuration_mae import MASK_STRATEGIES
+from .visualize import UNNORMALIZE
+
 __all__ = ["build_parser", "main", "reference_markdown"]
 
 # Mask strategies offered by `maekit visualize`.
-# TODO(lead, after issue 12 merges): add "block" and "grid" here and pass the strategy in `_reconstruction_figure`.
-MASK_STRATEGIES = ("random",)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DESCRIPTION = "Masked Autoencoders (He et al., 2021): reconstructions, features, export, model facts and data shards."
 
@@ -85,7 +86,21 @@ def _add_visualize(commands) -> None:
         "images", metavar="IMAGE", nargs="+", help="image files, folders of images, or .txt file lists"
     )
     parser.add_argument("--mask-ratio", type=_fraction, help="fraction of patches removed (default: the model's)")
-    parser.add_argument("--mask-strategy", default="random", choices=MASK_STRATEGIES, help="which patches are removed")
+    parser.add_argument(
+        "--mask-strategy",
+        choices=MASK_STRATEGIES,
+        help="which patches are removed: random (official), block (BEiT) or grid (default: the model's)",
+    )
+    parser.add_argument(
+        "--unnormalize",
+        default="honest",
+        choices=UNNORMALIZE,
+        help=(
+            "for norm_pix_loss models, the statistics that map predicted patches back to pixels: honest (from the "
+            "visible patches around each removed one) or oracle (the true ones, which the model never saw) "
+            "(default: %(default)s)"
+        ),
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the masking noise (default: %(default)s)")
     parser.add_argument("--output", default="reconstruction.png", help="PNG to write (default: %(default)s)")
     parser.add_argument(
@@ -301,6 +316,7 @@ def _quiet_loading() -> Iterator[None]:
 def _visualize(args: argparse.Namespace) -> int:
     from .inputs import find_images, load_image_processor, load_model
     from .modeling_mae import MAEForPreTraining
+    from .visualize import visualize_reconstructions
 
     images = find_images(args.images)
     skipped = max(0, len(images) - args.max_images)
@@ -309,12 +325,14 @@ def _visualize(args: argparse.Namespace) -> int:
     processor = load_image_processor(args.model, model.config)
     pixel_values = processor(_open_images(images, model.config.num_channels), return_tensors="pt")["pixel_values"]
     mask_ratio = model.config.mask_ratio if args.mask_ratio is None else args.mask_ratio
-    grid, note = _reconstruction_figure(
+    strategy = args.mask_strategy or model.config.mask_strategy
+    grid = visualize_reconstructions(
         model,
         pixel_values,
         mask_ratio=mask_ratio,
-        mask_strategy=args.mask_strategy,
+        mask_strategy=strategy,
         seed=args.seed,
+        unnormalize=args.unnormalize,
         image_mean=processor.image_mean,
         image_std=processor.image_std,
     )
@@ -323,12 +341,16 @@ def _visualize(args: argparse.Namespace) -> int:
     grid.save(output)
     print(
         f"Wrote {args.output} ({grid.width}x{grid.height}): {len(images)} image(s), columns original | masked | "
-        f"reconstruction | reconstruction + visible; mask ratio {mask_ratio:g} ({args.mask_strategy}), seed {args.seed}."
+        f"reconstruction | reconstruction + visible; mask ratio {mask_ratio:g} ({strategy}), seed {args.seed}."
     )
     if skipped:
         print(f"{skipped} more image(s) not shown (--max-images {args.max_images}).")
-    if note:
-        print(note)
+    if model.config.norm_pix_loss:
+        how = {
+            "honest": "the mean and std of the visible patches around them (what the model could know)",
+            "oracle": "the mean and std of the original patches (an oracle: the model never saw them)",
+        }[args.unnormalize]
+        print(f"norm_pix_loss model: removed patches are un-normalized with {how}.")
     return 0
 
 
@@ -346,31 +368,6 @@ def _open_images(paths: Sequence[str], num_channels: int) -> list:
             raise ValueError(f"cannot read image {path}: {type(err).__name__}: {err}") from err
         images.append(convert_image_mode(image, num_channels))
     return images
-
-
-def _reconstruction_figure(model, pixel_values, *, mask_ratio, mask_strategy, seed, image_mean, image_std):
-    """The four-column figure and a note on how removed patches are shown.
-
-    TODO(lead, after issue 12 merges): the one place to wire the masking strategies (`mask_strategy` -> the masking
-    helper's mask, passed as `mask=`) and the honest vs oracle un-normalization of `norm_pix_loss` predictions
-    (today `maekit.visualize` always uses the statistics of the original patches: the oracle).
-    """
-    from .visualize import visualize_reconstructions
-
-    if mask_strategy != "random":
-        raise ValueError(f"--mask-strategy {mask_strategy!r} is not available; accepted: {MASK_STRATEGIES}.")
-    generator = torch.Generator().manual_seed(seed)
-    noise = torch.rand(pixel_values.shape[0], model.config.num_patches, generator=generator)
-    grid = visualize_reconstructions(
-        model, pixel_values, noise=noise, mask_ratio=mask_ratio, image_mean=image_mean, image_std=image_std
-    )
-    note = ""
-    if model.config.norm_pix_loss:
-        note = (
-            "norm_pix_loss model: removed patches are un-normalized with the mean and std of the original patches "
-            "(an oracle: the model never saw them)."
-        )
-    return grid, note
 
 
 def _extract_features(args: argparse.Namespace) -> int:

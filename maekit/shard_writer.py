@@ -1,11 +1,11 @@
-"""Writing WebDataset-style tar shards from any source maekit reads (`write_shards`, and `main` for the command line).
+"""Writing WebDataset-style tar shards from any source maekit reads (`write_shards`; `maekit write-shards` on the command
+line).
 
 The reader is `maekit.shards`; this module sits above `maekit.data`, whose loaders give it every source layout.
 """
 
 from __future__ import annotations
 
-import argparse
 import glob
 import io
 import os
@@ -19,7 +19,7 @@ import numpy as np
 from .data import IMAGE_COLUMN_NAMES, LABEL_COLUMN_NAMES, find_column, load_image_dataset, undecoded
 from .shards import IMAGE_EXTENSIONS, TAR_BLOCK, ShardedImageDataset, ShardReader
 
-__all__ = ["main", "shard_pattern", "write_shards"]
+__all__ = ["shard_pattern", "write_shards"]
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*$", re.I)
@@ -176,37 +176,3 @@ def shard_pattern(paths: Sequence[str]) -> str:
     head, first = paths[0].rsplit("-", 1)
     last = paths[-1].rsplit("-", 1)[1]
     return f"{head}-{{{first[:-4]}..{last[:-4]}}}.tar"
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`write-shards SOURCE OUTPUT_DIR [--max-shard-size 256MB] ...`: write shards, print their pattern; exit code."""
-    parser = argparse.ArgumentParser(
-        prog="write-shards", description="Write an image data set as WebDataset-style tar shards (deterministic)."
-    )
-    parser.add_argument("source", help="a folder of images, a Hub dataset id, parquet files or a shard pattern")
-    parser.add_argument("output_dir", help="folder for the shards")
-    parser.add_argument("--max-shard-size", default="256MB", help="target shard size, e.g. 256MB or 1GiB")
-    parser.add_argument("--max-samples-per-shard", type=int, default=None, help="also close a shard after N samples")
-    parser.add_argument("--prefix", default="shard", help="shard file name prefix (default: shard)")
-    parser.add_argument("--split", default="train", help="split of the source to write (default: train)")
-    parser.add_argument("--config-name", default=None, help="configuration of a Hub dataset")
-    parser.add_argument("--image-column", default=None, help="image column (found automatically otherwise)")
-    parser.add_argument("--label-column", default=None, help="label column (found automatically otherwise)")
-    args = parser.parse_args(argv)
-    try:
-        paths = write_shards(
-            args.source,
-            args.output_dir,
-            max_shard_size=args.max_shard_size,
-            max_samples_per_shard=args.max_samples_per_shard,
-            prefix=args.prefix,
-            image_column=args.image_column,
-            label_column=args.label_column,
-            split=args.split,
-            config_name=args.config_name,
-        )
-    except (ValueError, TypeError, OSError) as err:
-        parser.exit(2, f"write-shards: error: {err}\n")
-    total = sum(os.path.getsize(p) for p in paths)
-    print(f"Wrote {len(paths)} shard(s), {total / 1e6:.1f} MB: {shard_pattern(paths)}")
-    return 0

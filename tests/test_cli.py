@@ -140,6 +140,22 @@ def test_visualize_writes_the_reconstruction_figure_of_the_library(capsys, pretr
     )
 
 
+def test_visualize_mask_strategies_and_unnormalization(capsys, photos, tmp_path, tiny_config):
+    # A norm_pix_loss model: the figure says how removed patches are un-normalized, honest by default.
+    model = MAEForPreTraining(tiny_config(norm_pix_loss=True))
+    folder = save_model(model, tmp_path / "norm-pix")
+    out = run(capsys, "visualize", folder, photos, "--output", tmp_path / "block.png", "--mask-strategy", "block")
+    assert "(block), seed 0" in out and "visible patches around them" in out
+    images = sorted(photos.iterdir())
+    processor = load_image_processor(str(folder), model.config)
+    pixels = processor([Image.open(p) for p in images], return_tensors="pt")["pixel_values"]
+    expected = visualize_reconstructions(model.eval(), pixels, mask_strategy="block", seed=0)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "block.png")), np.asarray(expected))
+    out = run(capsys, "visualize", folder, photos, "--output", tmp_path / "oracle.png", "--unnormalize", "oracle")
+    assert "(random), seed 0" in out and "an oracle" in out
+    assert "invalid choice" in usage_error(capsys, "visualize", folder, photos, "--mask-strategy", "checkerboard")
+
+
 def test_visualize_reads_a_transformers_vit_mae_folder(capsys, photos, tmp_path, tiny_config):
     from maekit.convert import to_transformers
 

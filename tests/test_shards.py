@@ -14,8 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
+from maekit.cli import main as maekit_main
 from maekit.data import MAEIterableImageDataset, MAETrainTransform, load_image_dataset
-from maekit.shard_writer import main, shard_pattern, write_shards
+from maekit.shard_writer import shard_pattern, write_shards
 from maekit.shards import ShardedImageDataset, ShardReader, expand_shard_urls
 from maekit.shards import _TarCursor as TarCursor
 
@@ -247,7 +248,9 @@ def test_writer_from_folder_parquet_and_shards_with_the_cli(tmp_path, capsys):
         (folder / label).mkdir(parents=True)
         for i in range(3):
             (folder / label / f"{i}.jpg").write_bytes(_jpeg(10 * len(label) + i))
-    assert main([str(folder), str(tmp_path / "from_folder"), "--max-samples-per-shard", "4"]) == 0
+    assert (
+        maekit_main(["write-shards", str(folder), str(tmp_path / "from_folder"), "--max-samples-per-shard", "4"]) == 0
+    )
     assert "2 shard(s)" in capsys.readouterr().out
     from_folder = list(ShardReader(expand_shard_urls(str(tmp_path / "from_folder/*.tar")), shuffle_buffer=0))
     assert [r["label"] for r in from_folder] == [0, 0, 0, 1, 1, 1]
@@ -267,8 +270,8 @@ def test_writer_from_folder_parquet_and_shards_with_the_cli(tmp_path, capsys):
         r["image"]["bytes"] for r in from_folder
     ]
     with pytest.raises(SystemExit) as exit_info:
-        main([str(tmp_path / "nothing_here"), str(tmp_path / "out")])
-    assert exit_info.value.code == 2 and "write-shards: error:" in capsys.readouterr().err
+        maekit_main(["write-shards", str(tmp_path / "nothing_here"), str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and "maekit write-shards: error:" in capsys.readouterr().err
 
 
 class _RangeHandler(http.server.SimpleHTTPRequestHandler):
