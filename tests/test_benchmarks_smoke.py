@@ -93,3 +93,43 @@ def test_gpu_benchmark_runs_on_cpu_without_datasets(tmp_path):
     assert result["rows"][0]["MFU %"] > 0 and result["rows"][0]["vs transformers"].endswith("x")
     assert result["settings"]["attention_kernel"] == {"maekit": "flash-cpu", "transformers": "flash-cpu"}
     assert proc.stdout.rstrip().splitlines()[-1].startswith("| matmul 64² bf16")
+
+
+def _libturbojpeg3() -> str | None:
+    """A libturbojpeg >= 3.0: $MAEKIT_LIBTURBOJPEG, else the system's when it is that recent."""
+    import ctypes
+    import ctypes.util
+    import os
+
+    path = os.environ.get("MAEKIT_LIBTURBOJPEG") or ctypes.util.find_library("turbojpeg")
+    if path is None:
+        return None
+    try:
+        return path if hasattr(ctypes.CDLL(path), "tj3SetCroppingRegion") else None
+    except OSError:
+        return None
+
+
+def test_crop_window_route_refuses_an_older_library():
+    import ctypes.util
+
+    from crop_window_decode import TurboJPEG3
+
+    with pytest.raises(ValueError, match="not libturbojpeg >= 3.0"):
+        TurboJPEG3(ctypes.util.find_library("c"))
+
+
+@pytest.mark.skipif(_libturbojpeg3() is None, reason="no libturbojpeg >= 3.0 (set MAEKIT_LIBTURBOJPEG to one)")
+def test_crop_window_route_gives_the_pixels_of_the_full_decode(tmp_path):
+    # Decoding only the crop window must change the speed, not the result: same boxes, same scales, same pixels.
+    import data_pipeline
+    from crop_window_decode import crop_window_pipeline
+
+    for size in data_pipeline.SIZES.values():
+        paths = data_pipeline.make_jpegs(str(tmp_path), size, 3)
+        for oversampling in (1.5, 1.0):
+            full = data_pipeline.maekit_pipeline("pillow", oversampling)
+            window = crop_window_pipeline(_libturbojpeg3(), oversampling)
+            for index, path in enumerate(paths * 3):
+                a, b = full(path, index), window(path, index)
+                assert (a - b).abs().mean().item() < 0.002  # ~0.1 grey level: fancy upsampling at the window edges

@@ -2,26 +2,24 @@
 samples counted in the checkpoint, refused positions, pretrain.py on a shard pattern, 2 processes x 2 workers."""
 
 import importlib.util
-import io
 import json
 import os
 import shutil
 import sys
-import tarfile
 from collections import Counter
 from pathlib import Path
 
 import datasets
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from maekit import MAEForPreTraining, MAETrainer
 from maekit.data import MAEIterableImageDataset, MAETrainTransform, load_image_dataset
 from maekit.shard_writer import shard_pattern, write_shards
 from maekit.shards import ShardedImageDataset
 from maekit.shards import _TarCursor as TarCursor
+from tests.test_shards import _jpeg as small_jpeg
+from tests.test_shards import _write_tar
 from tests.test_trainer import max_diff, step_losses, weights
 from tests.test_trainer_streaming import _launch_once_more_on_teardown_abort, make_args, make_model
 
@@ -30,20 +28,7 @@ NUM_SHARDS, PER_SHARD = 8, 5  # 40 samples; the label of a sample is its index, 
 
 
 def _jpeg(i: int, size=(40, 32)) -> bytes:
-    buffer = io.BytesIO()
-    pixels = np.random.default_rng(i).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(buffer, "JPEG", quality=85)
-    return buffer.getvalue()
-
-
-def _write_tar(path: Path, samples) -> None:
-    """`samples`: [(key, {extension: bytes})], written in order with plain tarfile."""
-    with tarfile.open(path, "w") as tar:
-        for key, members in samples:
-            for extension, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{extension}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+    return small_jpeg(i, size)
 
 
 def write_numbered_shards(folder: Path, num_shards: int = NUM_SHARDS, per_shard: int = PER_SHARD) -> str:
@@ -331,17 +316,14 @@ def test_two_processes_two_workers_read_every_sample_once_and_resume_exactly(tmp
     assert [s["rank"] for p in positions for s in p["reader_states"]] == [0, 1, 2, 3]
     assert all(s["world_size"] == 4 for p in positions for s in p["reader_states"])
 
-    def prepare_resume():
-        shutil.copytree(tmp_path / "full" / "checkpoint-5", tmp_path / "resumed" / "checkpoint-5")
+    def trainer_state(run: str, step: int) -> dict:
+        return json.loads((tmp_path / run / f"checkpoint-{step}" / "trainer_state.json").read_text())
 
-    resumed = _launch_once_more_on_teardown_abort(
-        [*launch, str(tmp_path / "resumed"), "resume"], tmp_path / "resumed", env, prepare_resume
-    )
+    copy = lambda: shutil.copytree(tmp_path / "full" / "checkpoint-5", tmp_path / "resumed" / "checkpoint-5")  # noqa: E731
+    resumed = _launch_once_more_on_teardown_abort([*launch, str(tmp_path / "resumed"), "resume"], tmp_path / "resumed", env, copy)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert max_diff(weights(tmp_path / "full"), weights(tmp_path / "resumed")) <= 1e-6
-    full_state = json.loads((tmp_path / "full" / "checkpoint-10" / "trainer_state.json").read_text())
-    resumed_state = json.loads((tmp_path / "resumed" / "checkpoint-10" / "trainer_state.json").read_text())
-    assert step_losses(resumed_state) == pytest.approx(step_losses(full_state), abs=1e-6)
+    assert step_losses(trainer_state("resumed", 10)) == pytest.approx(step_losses(trainer_state("full", 10)), abs=1e-6)
     for rank in range(2):
         after = json.loads((tmp_path / "resumed" / f"seen-{rank}.json").read_text())
         assert after == [entry for entry in seen[rank] if entry[0] >= 5]
