@@ -7,13 +7,17 @@ exposes it (see docs/data.md), so maekit does not ship this route; this module b
 you point it to with ctypes, to measure what the route would give (`data_pipeline.py --libturbojpeg PATH`).
 
 The crop box, the decode scale and the resize are MAETrainTransform's (same random draws, same box on the decoded
-grid); only the decode differs.
+grid); only the decode differs. Run as a script, it checks that on the benchmark's JPEGs (the pixels should not move):
+
+    python benchmarks/crop_window_decode.py --libturbojpeg /path/to/libturbojpeg.so.0
 """
 
 from __future__ import annotations
 
+import argparse
 import ctypes
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -109,3 +113,33 @@ def crop_window_pipeline(path: str, oversampling: float) -> Callable[[str, int],
         )
 
     return run
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, float]:
+    """Mean absolute difference (grey levels, 0-255) between this route's and maekit's outputs, per JPEG size and
+    oversampling, on the JPEGs of `data_pipeline.py`; printed and returned."""
+    import data_pipeline
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--libturbojpeg", required=True, help="path of a libturbojpeg >= 3.0")
+    parser.add_argument("--images", type=int, default=7, help="JPEG files per size (each read with 3 crops)")
+    args = parser.parse_args(argv)
+    differences = {}
+    grey_levels = 255 * torch.tensor(MAETrainTransform().std).view(-1, 1, 1)  # normalized units -> 0-255
+    with tempfile.TemporaryDirectory() as folder:
+        for label, size in data_pipeline.SIZES.items():
+            paths = data_pipeline.make_jpegs(folder, size, args.images)
+            for oversampling in (1.5, 1.0):
+                whole = data_pipeline.maekit_pipeline("auto", oversampling)
+                window = crop_window_pipeline(args.libturbojpeg, oversampling)
+                means = [
+                    ((whole(path, i) - window(path, i)).abs() * grey_levels).mean().item()
+                    for i, path in enumerate(paths * 3)
+                ]
+                differences[f"{label}, oversampling {oversampling}"] = max(means)
+                print(f"{label}, oversampling {oversampling}: mean |difference| per image at most {max(means):.4f}")
+    return differences
+
+
+if __name__ == "__main__":
+    main()
