@@ -33,7 +33,7 @@ def available_jpeg_decoder(decoder: str = "auto") -> str:
     """The decoder `decoder` resolves to: `"simplejpeg"` (when installed, for `"auto"`) or `"pillow"`.
 
     Raises:
-        ValueError: for an unknown name, or `"simplejpeg"` when it is not installed.
+        ValueError: an unknown name, or `"simplejpeg"` when it is not installed.
     """
     if decoder not in JPEG_DECODERS:
         raise ValueError(f"jpeg_decoder must be one of {JPEG_DECODERS}, got {decoder!r}.")

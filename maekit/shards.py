@@ -101,7 +101,7 @@ def expand_shard_urls(urls: str | Sequence[str]) -> list[str]:
     """The shard URLs named by a brace pattern, a local glob, a single path or URL, or a list of those.
 
     Raises:
-        ValueError: when the pattern names nothing, or a local shard does not exist.
+        ValueError: the pattern names nothing, or a local shard does not exist.
     """
     patterns = [urls] if isinstance(urls, (str, os.PathLike)) else list(urls)
     expanded: list[str] = []
