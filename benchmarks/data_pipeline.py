@@ -19,6 +19,8 @@ each round of the same run, one thread each (as a DataLoader worker); the table 
 
 torchvision is optional (`pip install maekit[benchmark]`); without it only the maekit rows are measured.
 simplejpeg is optional too (`pip install maekit[fast]`); without it only the pillow routes are measured.
+`--libturbojpeg PATH` (a libturbojpeg >= 3.0) adds the experimental "crop-window" rows: the same transform with the
+JPEG decoded only inside its crop (`crop_window_decode.py`; maekit does not ship that route).
 """
 
 from __future__ import annotations
@@ -129,6 +131,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     parser.add_argument("--no-torchvision", action="store_true", help="measure the maekit rows only")
     parser.add_argument("--output", default=None, help="write the result as JSON to this path")
+    parser.add_argument(
+        "--libturbojpeg", default=None, help="a libturbojpeg >= 3.0: also measure decoding only the crop window"
+    )
     return parser.parse_args(argv)
 
 
@@ -140,6 +145,13 @@ def run(args: argparse.Namespace) -> dict:
         for decoder, oversampling in ROUTES
         if fast or decoder == "pillow"
     }
+    if args.libturbojpeg is not None:
+        from crop_window_decode import crop_window_pipeline
+
+        for oversampling in (1.5, 1.0):
+            pipelines[f"crop-window {oversampling} (experimental)"] = crop_window_pipeline(
+                args.libturbojpeg, oversampling
+            )
     reference = None if args.no_torchvision else torchvision_pipeline()
     if reference is not None:
         pipelines["torchvision"] = reference
@@ -189,6 +201,7 @@ def run(args: argparse.Namespace) -> dict:
             "pillow": PIL.__version__,
             "torchvision": torchvision_version,
             "simplejpeg": _version("simplejpeg"),
+            "libturbojpeg": args.libturbojpeg,
         },
         "rows": rows,
     }

@@ -4,6 +4,7 @@
     python examples/pretrain.py --dataset_name path/to/images --preset vit-base-patch16 --norm_pix_loss true
     accelerate launch examples/pretrain.py --dataset_name imagenet-1k --preset vit-large-patch16 ...
     python examples/pretrain.py --dataset_name some/hub-dataset --streaming true --max_steps 100000 --warmup_steps 5000
+    python examples/pretrain.py --dataset_name 'shards/train-{0000..0099}.tar' --max_steps 100000 --warmup_steps 5000
     python examples/pretrain.py my_run.yaml                       # every argument from a JSON / YAML file
 
 Arguments: `maekit.training.scripts.PretrainModelArguments` and `PretrainDataArguments`, and every
@@ -27,6 +28,7 @@ from maekit.training.scripts import PretrainModelArguments as ModelArguments
 from maekit.training.scripts import (
     build_pretraining_model,
     is_demo,
+    is_stream,
     load_datasets,
     parse_script_arguments,
     pretraining_transforms,
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     train, evaluation = load_datasets(data_args, training_args.seed, image_size=model.config.image_hw[0])
     train_transform, eval_transform = pretraining_transforms(model.config, data_args.crop_min_scale)
     column, seed = data_args.image_column, training_args.seed
-    train_class = MAEIterableImageDataset if data_args.streaming else MAEImageDataset
+    train_class = MAEIterableImageDataset if is_stream(train) else MAEImageDataset  # tar shards are streams too
     trainer = MAETrainer(
         model,
         training_args,

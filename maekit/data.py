@@ -546,8 +546,9 @@ class MAEIterableImageDataset(_ImageSource, torch.utils.data.IterableDataset):
     interleaved across DataLoader workers (`worker_id + num_workers * k`), so they are reproducible for a given
     number of workers. `datasets` splits the stream's shards between DataLoader workers itself.
 
-    Pass the whole stream to `MAETrainer`: it splits it between processes and workers and resumes it itself, reading
-    raw records and decoding them with `load_record(record, generator, where)`.
+    Pass the whole stream (a `datasets.IterableDataset`, or tar shards: a `maekit.shards.ShardedImageDataset`) to
+    `MAETrainer`: it splits it between processes and workers and resumes it itself, reading raw records and decoding
+    them with `load_record(record, generator, where)`.
     """
 
     def __init__(

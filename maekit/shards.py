@@ -339,7 +339,13 @@ class ShardReader:
             "skipped": self.num_skipped,
         }
 
-    def _load_state(self, state: dict) -> None:
+    def check_state(self, state: dict) -> None:
+        """Raise `ValueError` saying what differs when `state` (a `state_dict()`) is not a position of this reader:
+        another shard list, epoch, split (rank, world_size), seed or shuffle setting."""
+        if not isinstance(state, dict):
+            raise ValueError(
+                f"A shard reader position is a dict from ShardReader.state_dict(), got {type(state).__name__}."
+            )
         expected = self._identity()
         different = {key: (state.get(key), value) for key, value in expected.items() if state.get(key) != value}
         if different:
@@ -348,6 +354,9 @@ class ShardReader:
                 f"This shard reader position belongs to another reader or data set ({described}); resume with the "
                 "same shards, epoch, split (rank, world_size), seed and shuffle settings as the run that saved it."
             )
+
+    def _load_state(self, state: dict) -> None:
+        self.check_state(state)
         self._shard, self._offset, self._samples_seen = state["shard"], state["offset"], state["samples_seen"]
         self._rng.bit_generator.state = state["rng"]
         self.num_emitted, self.num_skipped = state["emitted"], state["skipped"]

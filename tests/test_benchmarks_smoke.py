@@ -49,6 +49,41 @@ def test_parse_overrides():
         train_step.parse_overrides("hidden_size")
 
 
+def _libturbojpeg3() -> str | None:
+    """A libturbojpeg >= 3.0: $MAEKIT_LIBTURBOJPEG, else the system's when it is that recent."""
+    import ctypes
+    import ctypes.util
+    import os
+
+    path = os.environ.get("MAEKIT_LIBTURBOJPEG") or ctypes.util.find_library("turbojpeg")
+    if path is None:
+        return None
+    try:
+        return path if hasattr(ctypes.CDLL(path), "tj3SetCroppingRegion") else None
+    except OSError:
+        return None
+
+
+def test_crop_window_route_refuses_an_older_library():
+    import ctypes.util
+
+    from crop_window_decode import TurboJPEG3
+
+    with pytest.raises(ValueError, match="not libturbojpeg >= 3.0"):
+        TurboJPEG3(ctypes.util.find_library("c"))
+
+
+@pytest.mark.skipif(_libturbojpeg3() is None, reason="no libturbojpeg >= 3.0 (set MAEKIT_LIBTURBOJPEG to one)")
+def test_crop_window_route_gives_the_pixels_of_the_full_decode(capsys):
+    # Decoding only the crop window must change the speed, not the result: same boxes, same scales, same pixels
+    # (up to fancy upsampling at the window's edges).
+    from crop_window_decode import main
+
+    differences = main(["--libturbojpeg", _libturbojpeg3(), "--images", "2"])
+    assert len(differences) == 4 and max(differences.values()) < 0.01  # grey levels
+    assert "oversampling 1.0: mean |difference|" in capsys.readouterr().out
+
+
 def test_train_step_benchmark_runs_and_compares_the_same_computation(tmp_path, capsys):
     out = tmp_path / "train_step.json"
     result = train_step.main(

@@ -30,6 +30,7 @@ __all__ = [
     "classification_transforms",
     "finetune_recipe",
     "is_demo",
+    "is_stream",
     "load_datasets",
     "parse_script_arguments",
     "pretraining_transforms",
@@ -95,10 +96,14 @@ class DataArguments:
 class PretrainDataArguments(DataArguments):
     streaming: bool = field(
         default=False,
-        metadata={"help": "Stream the data set instead of downloading it (needs --max_steps and --warmup_steps)."},
+        metadata={
+            "help": "Stream the data set instead of downloading it (needs --max_steps and --warmup_steps). Tar shards "
+            "('train-{0000..0099}.tar') are always streamed."
+        },
     )
     shuffle_buffer_size: int = field(
-        default=1000, metadata={"help": "With --streaming: examples in the shuffle buffer (0: no shuffling)."}
+        default=1000,
+        metadata={"help": "With --streaming or tar shards: examples in the shuffle buffer (0: no shuffling)."},
     )
     crop_min_scale: float = field(default=0.2, metadata={"help": "Smallest RandomResizedCrop area (official 0.2)."})
     default_dataset: str = field(default="digits", metadata={"help": "Demo data: 'digits' or 'photos'."})
@@ -167,10 +172,23 @@ def use_few_threads_for_tiny_models(demo: bool) -> None:
         torch.set_num_threads(1)
 
 
+def is_stream(dataset: Any) -> bool:
+    """Whether a loaded training set is a stream (`datasets.IterableDataset`, or tar shards, which are always read
+    as one) rather than a map-style data set."""
+    import datasets
+
+    from ..shards import ShardedImageDataset
+
+    return isinstance(dataset, (datasets.IterableDataset, ShardedImageDataset))
+
+
 def load_datasets(data_args: DataArguments, seed: int, image_size: int = 32, labels: bool = False):
     """`(train, eval)` for a script: the demo data (no data set given), else `load_image_dataset`; trimmed to
-    `max_*_samples`; with `streaming`, the training stream shuffled and the first evaluation images read into memory.
-    With `labels=True` an evaluation split is required."""
+    `max_*_samples`; for a stream (`streaming`, or tar shards, always streamed), the training stream shuffled (a
+    buffer of `shuffle_buffer_size`) and the first evaluation images read into memory. With `labels=True` an
+    evaluation split is required."""
+    from ..shards import ShardedImageDataset
+
     streaming = getattr(data_args, "streaming", False)
     if is_demo(data_args):
         if streaming:
@@ -191,10 +209,17 @@ def load_datasets(data_args: DataArguments, seed: int, image_size: int = 32, lab
             label_column=data_args.label_column,
             train_val_split=split,
             seed=seed,
+            shuffle_buffer=getattr(data_args, "shuffle_buffer_size", 1000),
+        )
+    if isinstance(train, ShardedImageDataset) and not hasattr(data_args, "streaming"):
+        raise ValueError(
+            f"{data_args.dataset_name or data_args.data_dir!r} is tar shards, which are read as a stream; this script "
+            "needs a map-style data set (an image folder, parquet files, a Hub id without streaming). Tar shards "
+            "train with examples/pretrain.py."
         )
     if labels and evaluation is None:
         raise ValueError("No evaluation split: pass --train_val_split to hold out part of the training set.")
-    if streaming:
+    if streaming or isinstance(train, ShardedImageDataset):
         return _prepare_streams(train, evaluation, data_args, seed)
     if data_args.max_train_samples is not None:
         train = train.select(range(min(data_args.max_train_samples, len(train))))
@@ -204,18 +229,37 @@ def load_datasets(data_args: DataArguments, seed: int, image_size: int = 32, lab
 
 
 def _prepare_streams(train, evaluation, data_args: PretrainDataArguments, seed: int):
-    """Shuffle the training stream (a buffer, reseeded every pass); read the first evaluation images into memory."""
+    """Shuffle the training stream (a buffer, reseeded every pass; tar shards shuffle themselves); read the first
+    evaluation images into memory."""
     import datasets
 
-    if data_args.max_train_samples is not None:
-        train = train.take(data_args.max_train_samples)
-    if data_args.shuffle_buffer_size > 0:
-        train = train.shuffle(seed=seed, buffer_size=data_args.shuffle_buffer_size)
-    if evaluation is not None:
-        # Undecoded records (file bytes or paths): the evaluation transform decodes them, as for the training set.
-        first = list(evaluation.decode(False).take(data_args.max_eval_samples or STREAMING_EVAL_SAMPLES))
-        evaluation = datasets.Dataset.from_list(first, features=evaluation.decode(False).features)
-    return train, evaluation
+    from ..shards import ShardedImageDataset, ShardReader
+
+    if isinstance(train, ShardedImageDataset):
+        if data_args.max_train_samples is not None:
+            raise ValueError(
+                "--max_train_samples does not apply to tar shards; name fewer shards instead (e.g. "
+                "'train-{0000..0009}.tar')."
+            )
+    else:
+        if data_args.max_train_samples is not None:
+            train = train.take(data_args.max_train_samples)
+        if data_args.shuffle_buffer_size > 0:
+            train = train.shuffle(seed=seed, buffer_size=data_args.shuffle_buffer_size)
+    if evaluation is None:
+        return train, None
+    count = data_args.max_eval_samples or STREAMING_EVAL_SAMPLES
+    if isinstance(evaluation, ShardedImageDataset):  # its first images, in shard order
+        reader = ShardReader(
+            evaluation.urls, shuffle_buffer=0, shuffle_shards=False, require_label=evaluation.has_labels
+        )
+        features = evaluation.features
+        first = [{name: record[name] for name in features} for _, record in zip(range(count), reader)]
+        reader.close()
+        return train, datasets.Dataset.from_list(first, features=features)
+    # Undecoded records (file bytes or paths): the evaluation transform decodes them, as for the training set.
+    first = list(evaluation.decode(False).take(count))
+    return train, datasets.Dataset.from_list(first, features=evaluation.decode(False).features)
 
 
 def class_names(train, label_column: str | None = None) -> list[str]:

@@ -84,20 +84,32 @@ def _check_dataset(name: str, dataset: Any, streams_allowed: bool) -> None:
 def _check_stream(dataset: MAEIterableImageDataset, args: TrainingArguments) -> None:
     import datasets
 
-    if not isinstance(dataset.dataset, datasets.IterableDataset):
+    from ..shards import ShardedImageDataset
+
+    source = dataset.dataset
+    if not isinstance(source, (datasets.IterableDataset, ShardedImageDataset)):
         raise TypeError(
             "A streaming train_dataset must be a MAEIterableImageDataset over a datasets.IterableDataset (e.g. from "
-            f"load_image_dataset(..., streaming=True)); got one over {type(dataset.dataset).__name__}."
+            "load_image_dataset(..., streaming=True)) or over tar shards (a maekit.shards.ShardedImageDataset, e.g. "
+            f"from load_image_dataset('shards/train-{{0000..0099}}.tar')); got one over {type(source).__name__}."
         )
+    if isinstance(source, ShardedImageDataset) and source.world_size != 1:
+        raise ValueError(
+            f"The tar shards given to the trainer are already split (rank={source.rank}, world_size="
+            f"{source.world_size}); pass all of them (rank=0, world_size=1): the trainer splits them between its "
+            "processes and DataLoader workers itself."
+        )
+    # Tar shards are always a stream, even without --streaming: say so where it is needed.
+    shards = " (tar shards are always streamed)" if isinstance(source, ShardedImageDataset) else ""
     if args.max_steps <= 0:
         raise ValueError(
-            f"max_steps must be > 0 with a streaming train_dataset, whose length (hence epochs) is unknown; got "
-            f"max_steps={args.max_steps}."
+            f"max_steps must be > 0 with a streaming train_dataset{shards}, whose length (hence epochs) is unknown; "
+            f"got max_steps={args.max_steps}. Set max_steps (--max_steps in the example scripts)."
         )
     if args.warmup_steps is None:
         raise ValueError(
-            "warmup_steps must be set with a streaming train_dataset: warmup_epochs cannot be converted to steps when "
-            "the length of an epoch is unknown."
+            f"warmup_steps must be set with a streaming train_dataset{shards}: warmup_epochs cannot be converted to "
+            "steps when the length of an epoch is unknown. Set warmup_steps (--warmup_steps in the example scripts)."
         )
     if args.save_steps is None:
         logger.warning(
@@ -664,7 +676,7 @@ class Trainer:
         self._flush_skipped()  # the checkpoint's count includes images skipped since the last log
         self._check_weights_finite(f"checkpoint {step}")
         # Every process's stream position (a collective call, hence on all processes).
-        positions = gather_object([asdict(self.stream_position)]) if self.streaming else None
+        positions = gather_object([self.stream_position.to_record()]) if self.streaming else None
         spe = self.steps_per_epoch
         record = {
             **asdict(self.state),
@@ -693,8 +705,8 @@ class Trainer:
             )
         if self.streaming:
             StreamPosition.from_record(
-                record, path, self.accelerator, len(self.stream_position.batches)
-            )  # the same split of the stream, before anything else
+                record, path, self.accelerator, len(self.stream_position.batches), self.train_dataset
+            )  # the same split of the same stream, before anything else
         differences = self.signature().differences(record)
         if differences and not self.args.ignore_resume_mismatch:
             raise ValueError(
@@ -714,7 +726,7 @@ class Trainer:
         record = self.checkpoints.read_record(path)
         if self.streaming:
             self.stream_position = StreamPosition.from_record(
-                record, path, self.accelerator, len(self.stream_position.batches)
+                record, path, self.accelerator, len(self.stream_position.batches), self.train_dataset
             )
         self.accelerator.load_state(str(path))
         self.state = TrainerState.from_record(record)
