@@ -52,12 +52,11 @@ def main(argv: list[str] | None = None) -> dict:
     train, evaluation, id2label = load_segmentation_splits(data_args, training_args.seed)
     model = build_segmentation_model(model_args, id2label, image_size=data_args.crop_size)
     transforms = segmentation_transforms(data_args, ignore_index=model.config.loss_ignore_index)
-    columns = dict(image_column="image", label_column="annotation")  # load_segmentation_splits renames them
     trainer = SegmentationTrainer(
         model,
         training_args,
-        SegmentationDataset(train, transforms["train"], seed=training_args.seed, **columns),
-        eval_dataset=SegmentationDataset(evaluation, transforms["eval"], **columns),
+        SegmentationDataset(train, transforms["train"], seed=training_args.seed),  # "image" / "annotation" columns
+        eval_dataset=SegmentationDataset(evaluation, transforms["eval"]),
         image_processor=transforms["image_processor"],
         dataset_name=data_args.dataset_name,
     )

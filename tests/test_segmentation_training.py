@@ -414,6 +414,9 @@ def test_example_demo_end_to_end(tmp_path, capsys):
     assert {m["label"] for m in masks} <= set(TEXTURE_CLASSES)
     model = AutoModelForSemanticSegmentation.from_pretrained(tmp_path)
     assert model.config.backbone_config.hidden_size == 64 and model.config.backbone_config.out_indices == [1, 2, 3, 4]
+    # The pipeline resizes to the scale the model was evaluated at (the short edge of --scale), not the crop size.
+    processor = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert processor["size"] == {"height": 128, "width": 128}
 
 
 def test_example_defaults_demo_and_recipe():

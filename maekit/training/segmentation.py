@@ -277,7 +277,8 @@ class SegmentationTask(Task):
             summary=(
                 f"A {type(trainer.model).__name__} ({self.num_labels} classes) on {encoder}, fine-tuned end to end "
                 f"for semantic segmentation with [maekit](https://github.com/maekit/maekit){on}. Metrics (percent): "
-                f"mean IoU, pixel accuracy and mean accuracy with {args.eval_mode} inference."
+                f"mean IoU, pixel accuracy and mean accuracy with "
+                f"{'sliding-window' if args.eval_mode == 'slide' else 'whole-image'} inference."
             ),
             usage=usage,
             pipeline_tag="image-segmentation",

@@ -225,8 +225,8 @@ def build_segmentation_model(args: SegmentationModelArguments, id2label: dict[in
 
 def segmentation_transforms(data_args: SegmentationDataArguments, ignore_index: int = 255) -> dict[str, Any]:
     """`{"train", "eval", "image_processor"}`: mmsegmentation's ADE20K training and evaluation pipelines with the
-    data arguments, and the image processor saved with the model (`pipeline("image-segmentation")` resizes to the
-    crop size)."""
+    data arguments, and the image processor saved with the model. `pipeline("image-segmentation")` resizes every
+    image to the processor's fixed square: the short edge of `scale` (512 for ADE20K), the scale the model saw."""
     from ..segmentation import SegmentationEvalTransform, SegmentationTrainTransform, segmentation_image_processor
 
     common = dict(ignore_index=ignore_index, reduce_labels=data_args.reduce_labels)
@@ -240,5 +240,5 @@ def segmentation_transforms(data_args: SegmentationDataArguments, ignore_index: 
         **common,
     )
     evaluation = SegmentationEvalTransform(scale=scale, **common)
-    processor = segmentation_image_processor(data_args.crop_size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    processor = segmentation_image_processor(min(scale), IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
     return {"train": train, "eval": evaluation, "image_processor": processor}
