@@ -1,8 +1,14 @@
 """Training with Accelerate: one loop (`Trainer`) for every objective (`Task`): pretraining (`MAETrainer`,
-`PretrainingTask`), fine-tuning and linear probing (`ClassificationTrainer`, `ClassificationTask`); their arguments,
-the `KNNMonitor`, the optimizer groups, the learning-rate schedule, checkpoints, the model card and the Hub."""
+`PretrainingTask`), fine-tuning and linear probing (`ClassificationTrainer`, `ClassificationTask`), semantic
+segmentation (`SegmentationTrainer`, `SegmentationTask`); their arguments, the `KNNMonitor`, the optimizer groups, the
+learning-rate schedules, checkpoints, the model card and the Hub."""
 
-from .arguments import ClassificationTrainingArguments, MAETrainingArguments, TrainingArguments
+from .arguments import (
+    ClassificationTrainingArguments,
+    MAETrainingArguments,
+    SegmentationTrainingArguments,
+    TrainingArguments,
+)
 from .checkpointing import CheckpointWriteError, TrainerState, find_latest_checkpoint
 from .classification import ClassificationTask, ClassificationTrainer, fold_linear_probe_head
 from .hub import HubAccessError, ModelCard, write_model_card
@@ -12,7 +18,8 @@ from .monitor import KNNMonitor
 from .nonfinite import NonFiniteLossError
 from .optim import create_optimizer, param_groups_weight_decay
 from .pretraining import MAETrainer, PretrainingTask
-from .schedule import cosine_lr_with_warmup
+from .schedule import cosine_lr_with_warmup, lr_with_warmup, poly_lr_with_warmup
+from .segmentation import SegmentationTask, SegmentationTrainer
 from .task import StepContext, Task
 from .trainer import Trainer
 
@@ -29,6 +36,9 @@ __all__ = [
     "ModelCard",
     "NonFiniteLossError",
     "PretrainingTask",
+    "SegmentationTask",
+    "SegmentationTrainer",
+    "SegmentationTrainingArguments",
     "StepContext",
     "Task",
     "Trainer",
@@ -38,7 +48,9 @@ __all__ = [
     "create_optimizer",
     "find_latest_checkpoint",
     "fold_linear_probe_head",
+    "lr_with_warmup",
     "param_groups_layer_decay",
     "param_groups_weight_decay",
+    "poly_lr_with_warmup",
     "write_model_card",
 ]

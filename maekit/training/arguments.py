@@ -2,7 +2,8 @@
 
 `TrainingArguments` holds what the training loop itself needs (batch sizes, schedule, precision, logging, evaluation
 and checkpoint points, resuming, the Hub); `MAETrainingArguments` adds pretraining's fields with the official MAE
-pretraining recipe as defaults, `ClassificationTrainingArguments` fine-tuning's and linear probing's. Names follow
+pretraining recipe as defaults, `ClassificationTrainingArguments` fine-tuning's and linear probing's,
+`SegmentationTrainingArguments` semantic segmentation's (the ADE20K UperNet recipe). Names follow
 `transformers.TrainingArguments` where one exists.
 """
 
@@ -12,11 +13,19 @@ import importlib.util
 import math
 from dataclasses import asdict, dataclass, field
 
-__all__ = ["ClassificationTrainingArguments", "MAETrainingArguments", "TrainingArguments"]
+from .schedule import LR_SCHEDULES
+
+__all__ = [
+    "ClassificationTrainingArguments",
+    "MAETrainingArguments",
+    "SegmentationTrainingArguments",
+    "TrainingArguments",
+]
 
 _MIXED_PRECISION = ("no", "fp16", "bf16")
 _HUB_STRATEGIES = ("end", "every_save")
 _NONFINITE = ("error", "skip", "rollback")
+_EVAL_MODES = ("slide", "whole")
 # Without save_steps, checkpoints are written at epoch ends at least this many optimizer steps apart.
 MIN_STEPS_BETWEEN_EPOCH_SAVES = 500
 # The official linear-probing batch; with LARS the scaling rule does not take the rate below this batch's.
@@ -58,7 +67,16 @@ class TrainingArguments:
     learning_rate: float | None = field(
         default=None, metadata={"help": "Absolute peak learning rate; overrides base_learning_rate when set."}
     )
-    min_lr: float = field(default=0.0, metadata={"help": "Learning rate at the end of the cosine schedule."})
+    min_lr: float = field(default=0.0, metadata={"help": "Learning rate at the end of the schedule."})
+    lr_schedule: str = field(
+        default="cosine",
+        metadata={
+            "help": f"Learning-rate schedule after the linear warmup: {LR_SCHEDULES}. 'cosine': half-cycle cosine "
+            "to min_lr (MAE); 'poly': mmsegmentation's polynomial decay to min_lr over the whole run, power "
+            "lr_poly_power (the ADE20K segmentation recipe)."
+        },
+    )
+    lr_poly_power: float = field(default=1.0, metadata={"help": "Power of the 'poly' schedule (1.0: linear decay)."})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (not on biases / 1-D params)."})
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2."})
@@ -186,6 +204,8 @@ class TrainingArguments:
                 f"min_lr, weight_decay and warmup_epochs must be >= 0, got {self.min_lr!r}, "
                 f"{self.weight_decay!r}, {self.warmup_epochs!r}."
             )
+        if not self.lr_poly_power > 0:
+            raise ValueError(f"lr_poly_power must be > 0, got {self.lr_poly_power!r}.")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be None (no clipping) or > 0, got {self.max_grad_norm!r}.")
         if not 0.0 < self.nonfinite_max_fraction <= 1.0:
@@ -194,6 +214,7 @@ class TrainingArguments:
             ("mixed_precision", self.mixed_precision, (*_MIXED_PRECISION, None)),
             ("hub_strategy", self.hub_strategy, _HUB_STRATEGIES),
             ("nonfinite_loss", self.nonfinite_loss, _NONFINITE),
+            ("lr_schedule", self.lr_schedule, LR_SCHEDULES),
         ):
             if value not in accepted:
                 raise ValueError(f"{name} must be one of {accepted}, got {value!r}.")
@@ -355,3 +376,80 @@ class ClassificationTrainingArguments(TrainingArguments):
     def mixes(self) -> bool:
         """Whether training batches are mixed (Mixup or CutMix enabled with a non-zero probability)."""
         return (self.mixup > 0 or self.cutmix > 0) and self.mixup_prob > 0
+
+
+@dataclass
+class SegmentationTrainingArguments(TrainingArguments):
+    """Arguments of `SegmentationTrainer`: every `TrainingArguments` field, with the ADE20K UperNet recipe of the MAE
+    paper as defaults (`maekit.segmentation.ADE20K_RECIPE`), plus the segmentation ones below.
+
+    Recipe: AdamW with betas (0.9, 0.999), weight decay 0.05 (none on biases, norms and the cls token), layer-wise lr
+    decay 0.65, learning rate 1e-4 at batch 16, 1,500 warmup iterations then polynomial decay (power 1.0) to 0 over
+    160,000 iterations, evaluation with sliding 512² windows (stride 341) every 16,000 iterations, a checkpoint as
+    often. The official global batch 16 is 2 images × 8 GPUs: on 8 processes pass `per_device_train_batch_size=2`.
+
+    The learning rate follows maekit's scaling rule: `base_learning_rate=1.6e-3` × global batch / 256 is exactly the
+    recipe's 1e-4 at batch 16, and scales linearly at other batches; `learning_rate` sets an absolute rate (e.g.
+    `learning_rate=1e-4` to keep the recipe's rate at any batch, as mmsegmentation does). The model-side parts of
+    the recipe (drop path 0.1, UperNet channels, crops) belong to the model and the transforms.
+
+    Example:
+
+    ```python
+    from maekit.training import SegmentationTrainingArguments
+
+    args = SegmentationTrainingArguments(output_dir="out")
+    assert args.resolved_learning_rate(num_processes=1) == 1e-4 and args.lr_schedule == "poly"
+    assert args.global_batch_size(num_processes=1) == 16 and args.max_steps == 160_000
+    ```
+    """
+
+    output_dir: str = field(
+        default="outputs/mae-segmentation", metadata={"help": "Where checkpoints, logs and the model go."}
+    )
+    per_device_train_batch_size: int = field(
+        default=16, metadata={"help": "Training crops per process and step (official: 2 per GPU on 8 GPUs = 16)."}
+    )
+    per_device_eval_batch_size: int = field(
+        default=1,
+        metadata={"help": "Evaluation images per process and forward (images of different sizes run one by one)."},
+    )
+    max_steps: int = field(default=160_000, metadata={"help": "Optimizer steps to train (official: 160k)."})
+    base_learning_rate: float = field(
+        default=1.6e-3,
+        metadata={"help": "Base learning rate: lr = base_learning_rate * global batch / 256 (1e-4 at batch 16)."},
+    )
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2 (fine-tuning)."})
+    warmup_steps: int | None = field(
+        default=1500, metadata={"help": "Optimizer steps of linear warmup (official: 1500 iterations)."}
+    )
+    lr_schedule: str = field(
+        default="poly", metadata={"help": "Learning-rate schedule after the warmup: 'poly' (official) or 'cosine'."}
+    )
+    eval_steps: int | None = field(
+        default=16_000, metadata={"help": "Evaluate every this many steps (official: 16k); always at the end."}
+    )
+    save_steps: int | None = field(
+        default=16_000,
+        metadata={"help": "Save a checkpoint every this many steps (official: 16k); always at the end."},
+    )
+    layer_decay: float = field(
+        default=0.65, metadata={"help": "Layer-wise lr decay of the encoder (official ADE20K ViT-B: 0.65); 1.0 = off."}
+    )
+    eval_mode: str = field(
+        default="slide",
+        metadata={"help": f"Evaluation inference {_EVAL_MODES}: sliding windows (official) or the whole image."},
+    )
+    eval_crop_size: int = field(default=512, metadata={"help": "Sliding-window size in pixels (eval_mode 'slide')."})
+    eval_stride: int = field(default=341, metadata={"help": "Sliding-window stride in pixels (eval_mode 'slide')."})
+    save_best_model: bool = field(
+        default=True, metadata={"help": "Keep the model with the best eval mean IoU in output_dir/best."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay!r}.")
+        if self.eval_mode not in _EVAL_MODES:
+            raise ValueError(f"eval_mode must be one of {_EVAL_MODES}, got {self.eval_mode!r}.")
+        _check_positive_int(self, ("eval_crop_size", "eval_stride"))

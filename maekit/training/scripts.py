@@ -5,6 +5,7 @@ the transforms. The scripts only wire these together.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from dataclasses import dataclass, field
@@ -122,17 +123,23 @@ def is_demo(data_args: DataArguments) -> bool:
     return data_args.dataset_name is None and data_args.data_dir is None
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults after every help line (as HfArgumentParser's), the description (a script's docstring) as written."""
+
+
 def parse_script_arguments(
     dataclass_types: tuple[type, ...],
     argv: list[str],
     demo_defaults: dict[str, Any],
     base_defaults: dict[str, Any] | None = None,
     recipe_for_model: Any = None,
+    description: str | None = None,
 ) -> tuple:
     """Parse a script's arguments (the command line, or a single JSON / YAML file), with defaults in layers:
     the dataclasses' own, then `base_defaults`, then the official recipe of the model's size (`recipe_for_model(model
-    arguments) -> dict`), then `demo_defaults` when no data set is given; whatever `argv` says wins over all."""
-    parser = HfArgumentParser(dataclass_types)
+    arguments) -> dict`), then `demo_defaults` when no data set is given; whatever `argv` says wins over all.
+    `description` (e.g. the script's docstring) heads `--help`."""
+    parser = HfArgumentParser(dataclass_types, description=description, formatter_class=_HelpFormatter)
     if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
         with open(argv[0]) as f:
             given = json.load(f) if argv[0].endswith(".json") else yaml.safe_load(f)

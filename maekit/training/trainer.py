@@ -44,7 +44,7 @@ from .checkpointing import (
 from .data_order import StreamPosition, epoch_loader, stream_batches
 from .hub import HubPusher, ModelCard, check_hub_access, finish_outputs, push_snapshot, write_model_card
 from .nonfinite import NonFinitePolicy
-from .schedule import cosine_lr_with_warmup
+from .schedule import lr_with_warmup
 from .task import StepContext, Task
 
 __all__ = ["Trainer"]
@@ -264,12 +264,14 @@ class Trainer:
 
     def lr_at(self, step: int) -> float:
         """Learning rate used by optimizer step `step` (0-based)."""
-        return cosine_lr_with_warmup(
+        return lr_with_warmup(
+            self.args.lr_schedule,
             step,
             learning_rate=self.learning_rate,
             total_steps=self.total_steps,
             warmup_steps=self.args.resolved_warmup_steps(self.steps_per_epoch),
             min_lr=self.args.min_lr,
+            poly_power=self.args.lr_poly_power,
         )
 
     def epoch_at(self, step: int) -> float:
