@@ -37,6 +37,8 @@ _TRAINING_NAMES = (
     "KNNMonitor",
     "MAETrainer",
     "MAETrainingArguments",
+    "SegmentationTrainer",
+    "SegmentationTrainingArguments",
 )
 
 
@@ -72,6 +74,8 @@ __all__ = [
     "MAEPreTrainedModel",
     "MAETrainer",
     "MAETrainingArguments",
+    "SegmentationTrainer",
+    "SegmentationTrainingArguments",
     "patchify",
     "unpatchify",
 ]

@@ -393,3 +393,10 @@ def test_trainer_state_json_records_the_run(tiny_config, tmp_path):
     record = json.loads((tmp_path / "checkpoint-2" / "trainer_state.json").read_text())
     assert record["weights_finite"] is True
     assert (record["num_train_samples"], record["steps_per_epoch"], record["total_steps"]) == (16, 2, 2)
+
+
+def test_resuming_with_another_schedule_type_is_refused(tiny_config, tmp_path):
+    MAETrainer(make_model(tiny_config), make_args(tmp_path, max_steps=2), TensorImages(16)).train()
+    poly = make_args(tmp_path, max_steps=2, resume_from_checkpoint="latest", lr_schedule="poly")
+    with pytest.raises(ValueError, match="lr_schedule: 'cosine' in the checkpoint, 'poly' now"):
+        MAETrainer(make_model(tiny_config), poly, TensorImages(16)).train()

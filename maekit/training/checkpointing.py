@@ -28,12 +28,16 @@ __all__ = [
     "Checkpoints",
     "RunSignature",
     "TrainerState",
+    "best_from_history",
     "find_latest_checkpoint",
+    "keep_best_model",
 ]
 
 logger = logging.getLogger(__name__)
 
 TRAINER_STATE_NAME = "trainer_state.json"
+BEST_MODEL_DIR = "best"  # output_dir/best: the model with the best evaluation so far (tasks that track one)
+BEST_RESULTS_NAME = "eval_results.json"
 # Tensors a resumed run needs beyond the saved model (e.g. an unfolded linear-probe head); absent when none.
 TRAINING_ONLY_WEIGHTS_NAME = "training_only.safetensors"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -90,6 +94,8 @@ class RunSignature:
     warmup_steps: int
     learning_rate: float
     min_lr: float
+    lr_schedule: str = "cosine"
+    lr_poly_power: float | None = None  # only with the poly schedule
 
     def differences(self, saved: dict[str, Any]) -> list[str]:
         """`"name: saved -> now"` for every field that differs from a checkpoint record (fields it lacks are not
@@ -322,3 +328,28 @@ def load_model_folder(model: torch.nn.Module, folder: Path) -> None:
     if (folder / TRAINING_ONLY_WEIGHTS_NAME).is_file():
         state_dict.update(load_file(str(folder / TRAINING_ONLY_WEIGHTS_NAME)))
     model.load_state_dict(state_dict, strict=True)
+
+
+def keep_best_model(trainer, step: int, metrics: dict[str, float], key: str, details: dict | None = None) -> float:
+    """If `metrics[key]` beats the best so far (higher is better), record it in `trainer.state` and, unless the
+    arguments' `save_best_model` is off, save the model into `output_dir/best` with `eval_results.json` (the metrics,
+    the step and `details`). Returns the best value so far."""
+    state = trainer.state
+    if state.best_metric is None or metrics[key] > state.best_metric:
+        state.best_metric, state.best_step = metrics[key], step
+        if getattr(trainer.args, "save_best_model", True):
+            folder = trainer.output_dir / BEST_MODEL_DIR
+            trainer.save_model(folder)
+            if trainer.accelerator.is_main_process:
+                results = {**metrics, "step": step, **(details or {})}
+                (folder / BEST_RESULTS_NAME).write_text(json.dumps(results, indent=2))
+    return state.best_metric
+
+
+def best_from_history(state: TrainerState, key: str) -> None:
+    """Set `state.best_metric` / `best_step` from the logged values of `key` (after a resume: checkpoints of maekit 0.1
+    lack the fields)."""
+    evaluations = [entry for entry in state.log_history if key in entry]
+    best = max(evaluations, key=lambda entry: entry[key], default=None)
+    state.best_metric = None if best is None else best[key]
+    state.best_step = None if best is None else best["step"]

@@ -15,7 +15,6 @@ into one linear layer when saved).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -27,6 +26,7 @@ from torch.utils.data import Dataset
 from ..augment import Mixup, MixupCollator, one_hot_targets
 from ..evaluation import LinearProbeHead
 from .arguments import ClassificationTrainingArguments
+from .checkpointing import best_from_history, keep_best_model
 from .hub import ModelCard, card_hyperparameters, card_results, card_title, public_dataset_name
 from .lars import LARS
 from .layer_decay import param_groups_layer_decay
@@ -38,9 +38,6 @@ if TYPE_CHECKING:
     from transformers import BaseImageProcessor
 
 __all__ = ["ClassificationTask", "ClassificationTrainer", "fold_linear_probe_head"]
-
-BEST_MODEL_DIR = "best"
-BEST_RESULTS_NAME = "eval_results.json"
 
 
 def fold_linear_probe_head(head: LinearProbeHead) -> nn.Linear:
@@ -159,22 +156,11 @@ class ClassificationTask(Task):
         """Keep the best model by top-1 in `output_dir/best` (with its `eval_results.json`)."""
         if "eval_acc1" not in metrics:
             return {}
-        state = trainer.state
-        if state.best_metric is None or metrics["eval_acc1"] > state.best_metric:
-            state.best_metric, state.best_step = metrics["eval_acc1"], step
-            if trainer.args.save_best_model:
-                folder = trainer.output_dir / BEST_MODEL_DIR
-                trainer.save_model(folder)
-                if trainer.accelerator.is_main_process:
-                    (folder / BEST_RESULTS_NAME).write_text(json.dumps({**metrics, "step": step}, indent=2))
-        return {"best_eval_acc1": state.best_metric}
+        return {"best_eval_acc1": keep_best_model(trainer, step, metrics, "eval_acc1")}
 
     def after_resume(self, trainer: Trainer) -> None:
-        """The best evaluation so far, from the restored log history (checkpoints of maekit 0.1 lack the field)."""
-        evaluations = [entry for entry in trainer.state.log_history if "eval_acc1" in entry]
-        best = max(evaluations, key=lambda entry: entry["eval_acc1"], default=None)
-        trainer.state.best_metric = None if best is None else best["eval_acc1"]
-        trainer.state.best_step = None if best is None else best["step"]
+        """The best evaluation so far, from the restored log history."""
+        best_from_history(trainer.state, "eval_acc1")
 
     @contextmanager
     def exported_state_dict(self, model: nn.Module, state_dict: dict[str, torch.Tensor]) -> Iterator[dict]:

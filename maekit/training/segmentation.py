@@ -14,7 +14,6 @@ processes. The best model by mean IoU is kept in `output_dir/best`.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from ..segmentation.inference import slide_inference, whole_inference
 from ..segmentation.metrics import SegmentationMetric
 from ..segmentation.transforms import segmentation_collate_fn
 from .arguments import SegmentationTrainingArguments
-from .classification import BEST_MODEL_DIR, BEST_RESULTS_NAME
+from .checkpointing import best_from_history, keep_best_model
 from .hub import ModelCard, card_hyperparameters, card_results, card_title, public_dataset_name
 from .layer_decay import param_groups_layer_decay
 from .optim import adamw
@@ -229,28 +228,16 @@ class SegmentationTask(Task):
         per-class IoU / accuracy by class name)."""
         if not math.isfinite(metrics.get("eval_mean_iou", math.nan)):
             return {} if trainer.state.best_metric is None else {"best_eval_mean_iou": trainer.state.best_metric}
-        state = trainer.state
-        if state.best_metric is None or metrics["eval_mean_iou"] > state.best_metric:
-            state.best_metric, state.best_step = metrics["eval_mean_iou"], step
-            if trainer.args.save_best_model:
-                folder = trainer.output_dir / BEST_MODEL_DIR
-                trainer.save_model(folder)
-                if trainer.accelerator.is_main_process:
-                    names = trainer.model.config.id2label
-                    per_class = {
-                        key: {names.get(i, str(i)): value for i, value in enumerate(values)}
-                        for key, values in self.last_per_class.items()
-                    }
-                    results = {**metrics, "step": step, **per_class}
-                    (folder / BEST_RESULTS_NAME).write_text(json.dumps(results, indent=2))
-        return {"best_eval_mean_iou": state.best_metric}
+        names = trainer.model.config.id2label
+        per_class = {
+            key: {names.get(i, str(i)): value for i, value in enumerate(values)}
+            for key, values in self.last_per_class.items()
+        }
+        return {"best_eval_mean_iou": keep_best_model(trainer, step, metrics, "eval_mean_iou", per_class)}
 
     def after_resume(self, trainer: Trainer) -> None:
         """The best evaluation so far, from the restored log history."""
-        evaluations = [entry for entry in trainer.state.log_history if "eval_mean_iou" in entry]
-        best = max(evaluations, key=lambda entry: entry["eval_mean_iou"], default=None)
-        trainer.state.best_metric = None if best is None else best["eval_mean_iou"]
-        trainer.state.best_step = None if best is None else best["step"]
+        best_from_history(trainer.state, "eval_mean_iou")
 
     def model_card(self, trainer: Trainer) -> ModelCard:
         args, config = trainer.args, trainer.model.config

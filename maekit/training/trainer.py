@@ -158,7 +158,8 @@ class Trainer:
         eval_dataset (*optional*): map-style evaluation dataset.
         image_processor (*optional*): saved next to the model and in every checkpoint.
         data_collator (`Callable`, *optional*): training collate function (default: the task's, else
-            `maekit.data.collate_fn`). Evaluation always uses `collate_fn`.
+            `maekit.data.collate_fn`). Evaluation batches are the task's (`maekit.data.collate_fn` for pretraining and
+            classification).
         dataset_name (`str`, *optional*): the dataset's Hub id, for the model card (local paths are not published).
         monitor (`Callable`, *optional*): `monitor(trainer, step) -> metrics`, called every `monitor.every_n_steps`
             steps and at the end (e.g. `maekit.training.KNNMonitor`).
@@ -290,6 +291,8 @@ class Trainer:
             warmup_steps=self.args.resolved_warmup_steps(spe),
             learning_rate=self.learning_rate,
             min_lr=self.args.min_lr,
+            lr_schedule=self.args.lr_schedule,
+            lr_poly_power=self.args.lr_poly_power if self.args.lr_schedule == "poly" else None,
         )
 
     # ------------------------------------------------------------------------------------------------------------------
