@@ -140,6 +140,20 @@ def configure_deepspeed(accelerator: Accelerator, args: TrainingArguments, globa
         )
 
 
+# Setups where every process holds whole gradients (after DDP's all-reduce): their norm needs no collective.
+_PLAIN = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+
+
+def _total_norm(parameters) -> torch.Tensor:
+    """The 2-norm of all gradients together, as `clip_grad_norm_` computes it, without touching them."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6: one fused (foreach) pass per device and dtype
+        return torch.nn.utils.get_total_norm(grads)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+
+
 def _dataset_fingerprint(dataset: Any) -> str | None:
     """The `datasets` fingerprint of the data behind a maekit dataset (None for other data)."""
     return getattr(getattr(dataset, "dataset", dataset), "_fingerprint", None)
@@ -447,11 +461,14 @@ class Trainer:
         None if the step was not applied."""
         args, accelerator = self.args, self.accelerator
         deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED  # steps inside `backward`
-        # The gradient norm (clipping by `max_grad_norm`, else by infinity: measured only). A finite loss can still
-        # give an infinite gradient, and a step with one would write NaN into every weight.
-        grad_norm = (
-            None if deepspeed else accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
-        )
+        # The gradient norm, clipped by `max_grad_norm` when set. A finite loss can still give an infinite gradient,
+        # and a step with one would write NaN into every weight.
+        if deepspeed:
+            grad_norm = None
+        elif args.max_grad_norm is None and accelerator.scaler is None and accelerator.distributed_type in _PLAIN:
+            grad_norm = _total_norm(model.parameters())  # measured only: no pass that multiplies every gradient by 1
+        else:  # Accelerate unscales fp16 gradients first and knows how FSDP shards them
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
         # One host sync per step, as the official loop: the mean loss over all processes (and the norm, the same on
         # every process), so that all processes decide the same.
         mean_loss = accelerator.reduce(loss, reduction="mean")
