@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .data import MAEImageDataset, collate_fn
+from .data import MAEImageDataset, build_dataloader, collate_fn
 from .image_processing_mae import MAEImageProcessor
 from .inputs import IMAGE_SUFFIXES, find_images, read_file_list
 
@@ -363,53 +363,27 @@ def extract_features_to_file(
     num_chunks = -(-len(source) // chunk_size)
     done = {chunk for chunk in range(num_chunks) if _chunk_path(parts, chunk).is_file()}
     resumed = sum(min(chunk_size, len(source) - chunk * chunk_size) for chunk in done)
-    # Batches never straddle two chunks: (chunk, indices, last batch of its chunk) in input order.
-    plan = []
-    for chunk in sorted(set(range(num_chunks)) - done):
-        end = min((chunk + 1) * chunk_size, len(source))
-        starts = range(chunk * chunk_size, end, batch_size)
-        plan += [(chunk, list(range(start, min(start + batch_size, end))), start == starts[-1]) for start in starts]
+    plan = _plan_batches(len(source), num_chunks, done, chunk_size, batch_size)
     # A file that cannot be decoded keeps its place as a marked item (zeros, and the error naming it): never replaced.
     images = MAEImageDataset(
         source.records, _ProcessorTransform(image_processor), image_column=source.image_column, mark_bad_images=True
     )
-    loader = torch.utils.data.DataLoader(
+    loader = build_dataloader(
         images,
+        None,
         batch_sampler=[indices for _, indices, _ in plan],
         num_workers=num_workers,
         collate_fn=collate_fn,
         pin_memory=device.type == "cuda",
+        persistent_workers=False,
     )
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     from tqdm.auto import tqdm
 
     num_bad = sum(len(_chunk_errors(parts, chunk)) for chunk in done)
     bar = tqdm(total=len(source), initial=resumed, unit="img", desc="extract-features", disable=not progress)
-    feature_shape = _empty_shape(encoder, pooling)
-    pending: dict[str, list] = {"features": [], "indices": [], "errors": []}
     try:
         with _quiet_bad_image_warnings():  # the bar counts bad files, the result lists them: no line per file
-            for (chunk, indices, last_of_chunk), batch in zip(plan, loader):
-                markers = batch["bad_images"]  # None, or the error naming the file, per item
-                good = [row for row, marker in enumerate(markers) if marker is None]
-                if good:
-                    pixel_values = batch["pixel_values"] if len(good) == len(indices) else batch["pixel_values"][good]
-                    with autocast:
-                        hidden = encoder(pixel_values.to(device, non_blocking=True)).last_hidden_state
-                    features = _pool(hidden, pooling).float().cpu()  # (B, D) or (B, 1 + L, D)
-                    feature_shape = tuple(features.shape[1:])
-                    pending["features"].append(features)
-                    pending["indices"] += [indices[row] for row in good]
-                errors = [(indices[row], marker) for row, marker in enumerate(markers) if marker is not None]
-                pending["errors"] += errors
-                num_bad += len(errors)
-                bar.update(len(indices))
-                bar.set_postfix(bad=num_bad, refresh=False)
-                if last_of_chunk:
-                    _write_chunk(parts, chunk, pending, feature_shape)
-                    pending = {"features": [], "indices": [], "errors": []}
-                    if on_chunk is not None:
-                        on_chunk(chunk)
+            _encode_chunks(encoder, loader, plan, parts, pooling, device, dtype, bar, num_bad, on_chunk)
     finally:
         bar.close()
         encoder.train(was_training)
@@ -422,6 +396,45 @@ def extract_features_to_file(
     num_encoded, feature_shape, bad_files = _merge(parts, num_chunks, source, output, metadata)
     shutil.rmtree(parts)
     return ExtractionResult(output, len(source), num_encoded, feature_shape, bad_files, resumed)
+
+
+def _plan_batches(num_inputs: int, num_chunks: int, done: set[int], chunk_size: int, batch_size: int) -> list:
+    """`(chunk, indices, last batch of its chunk)` for every batch still to encode, in input order; batches never
+    straddle two chunks."""
+    plan = []
+    for chunk in sorted(set(range(num_chunks)) - done):
+        end = min((chunk + 1) * chunk_size, num_inputs)
+        starts = range(chunk * chunk_size, end, batch_size)
+        plan += [(chunk, list(range(start, min(start + batch_size, end))), start == starts[-1]) for start in starts]
+    return plan
+
+
+def _encode_chunks(encoder, loader, plan, parts: Path, pooling, device, dtype, bar, num_bad: int, on_chunk) -> None:
+    """Encode the planned batches (bad files left out, their errors kept) and write each chunk when it is complete."""
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    feature_shape = _empty_shape(encoder, pooling)
+    pending: dict[str, list] = {"features": [], "indices": [], "errors": []}
+    for (chunk, indices, last_of_chunk), batch in zip(plan, loader):
+        markers = batch["bad_images"]  # None, or the error naming the file, per item
+        good = [row for row, marker in enumerate(markers) if marker is None]
+        if good:
+            pixel_values = batch["pixel_values"] if len(good) == len(indices) else batch["pixel_values"][good]
+            with autocast:
+                hidden = encoder(pixel_values.to(device, non_blocking=True)).last_hidden_state
+            features = _pool(hidden, pooling).float().cpu()  # (B, D) or (B, 1 + L, D)
+            feature_shape = tuple(features.shape[1:])
+            pending["features"].append(features)
+            pending["indices"] += [indices[row] for row in good]
+        errors = [(indices[row], marker) for row, marker in enumerate(markers) if marker is not None]
+        pending["errors"] += errors
+        num_bad += len(errors)
+        bar.update(len(indices))
+        bar.set_postfix(bad=num_bad, refresh=False)
+        if last_of_chunk:
+            _write_chunk(parts, chunk, pending, feature_shape)
+            pending = {"features": [], "indices": [], "errors": []}
+            if on_chunk is not None:
+                on_chunk(chunk)
 
 
 def _check_arguments(output, pooling, batch_size, num_workers, chunk_size, dtype, overwrite) -> None:
