@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     set_seed(training_args.seed)  # the model's initialisation
     train, evaluation, id2label = load_segmentation_splits(data_args, training_args.seed)
     model = build_segmentation_model(model_args, id2label, image_size=data_args.crop_size)
-    transforms = segmentation_transforms(data_args, ignore_index=model.config.loss_ignore_index)
+    transforms = segmentation_transforms(data_args, model.config.loss_ignore_index, model.config.num_labels)
     trainer = SegmentationTrainer(
         model,
         training_args,

@@ -150,21 +150,27 @@ def load_official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         ValueError: a corrupt or truncated file, a pickle that needs more than tensors and plain containers, no state
             dict, or tensors that declare more values than the file stores.
     """
+    return _read_official_file(path)[0]
+
+
+def _read_official_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """`(state dict, the maekit config stored beside it or None)` of an official / timm file (see
+    `load_official_state_dict`)."""
     path = _download(path) if _is_url(path) else Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file.")
     if path.suffix == ".safetensors":
         try:
-            state_dict = load_file(path)
+            state_dict, stored = load_file(path), None
         except SafetensorError as err:
             raise ValueError(f"{path}: not a readable safetensors file (corrupt or truncated?): {err}") from err
     else:
-        state_dict = _load_pickled_state_dict(path)
+        state_dict, stored = _load_pickled_state_dict(path)
     _check_declared_sizes(state_dict, path)
-    return state_dict
+    return state_dict, stored
 
 
-def _load_pickled_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def _load_pickled_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -182,12 +188,13 @@ def _load_pickled_state_dict(path: Path) -> dict[str, torch.Tensor]:
         reason = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated?): {reason}") from err
     state_dict = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else checkpoint
+    stored = checkpoint.get(MAEKIT_CONFIG_KEY) if isinstance(checkpoint, dict) else None
     if not isinstance(state_dict, dict) or not state_dict:
         raise ValueError(f"{path}: holds no state dict: expected a dict of tensors or {{'model': dict of tensors}}.")
     not_tensors = sorted(str(k) for k, v in state_dict.items() if not isinstance(v, torch.Tensor))
     if not_tensors:
         raise ValueError(f"{path}: not a state dict: these entries are not tensors: {not_tensors[:10]}.")
-    return state_dict
+    return state_dict, stored if isinstance(stored, dict) else None
 
 
 def _check_declared_sizes(state_dict: dict[str, torch.Tensor], path: Path) -> None:
@@ -244,13 +251,19 @@ def _shape(state_dict: dict[str, torch.Tensor], key: str, ndim: int) -> torch.Si
     return shape
 
 
+# Official files hold no head counts (the code fixes them per model size). maekit writes the config next to the
+# weights under this key (the official loaders read only "model"), and reads it back instead of guessing.
+MAEKIT_CONFIG_KEY = "maekit_config"
+
+
 def _infer_heads(width: int, head_dim: int, field: str) -> int:
     heads = _KNOWN_ENCODER_HEADS.get(width) if head_dim == _ENCODER_HEAD_DIM else None
     if heads is None:
         if width % head_dim:
             raise ValueError(
                 f"Cannot infer {field} for width {width} (not a multiple of the {head_dim}-d heads of the published "
-                f"models); pass {field}=... to config_from_official, or config=MAEConfig(...) to the loader."
+                f"models); pass {field}=... to config_from_official, or config=MAEConfig(...) to the loader "
+                f"(maekit convert: --{field.replace('_', '-')})."
             )
         heads = width // head_dim
     return heads
@@ -425,7 +438,10 @@ def load_official_checkpoint(
     model = load_official_checkpoint("https://dl.fbaipublicfiles.com/mae/visualize/mae_visualize_vit_large.pth")
     ```
     """
-    return _official_model(load_official_state_dict(path), config, model_class, source=str(path))
+    state_dict, stored = _read_official_file(path)
+    if config is None and stored is not None:  # written by maekit: the exact architecture, heads included
+        config = MAEConfig(**{k: v for k, v in stored.items() if k not in ("model_type", "transformers_version")})
+    return _official_model(state_dict, config, model_class, source=str(path))
 
 
 def _official_model(
@@ -677,9 +693,13 @@ def _source_kind(source: str) -> str:
     return kinds[model_type]
 
 
-def _load_source(source: str, kind: str, model_class: type | None):
+def _load_source(source: str, kind: str, model_class: type | None, heads: dict | None = None):
+    heads = heads or {}
     if kind == "official":
-        return load_official_checkpoint(source, model_class=model_class)
+        if not heads:
+            return load_official_checkpoint(source, model_class=model_class)
+        state_dict, _ = _read_official_file(source)
+        return _official_model(state_dict, config_from_official(state_dict, **heads), model_class, str(source))
     if kind == "timm":
         folder = Path(source)
         if folder.is_dir():
@@ -687,8 +707,8 @@ def _load_source(source: str, kind: str, model_class: type | None):
         else:
             weights, timm_config = hf_hub_download(source, "model.safetensors"), hf_hub_download(source, "config.json")
         # Head counts are not in the weights; timm exports with `model_args` record them.
-        heads = json.loads(Path(timm_config).read_text()).get("model_args", {}).get("num_heads")
-        overrides = {} if heads is None else {"num_attention_heads": heads}
+        num_heads = json.loads(Path(timm_config).read_text()).get("model_args", {}).get("num_heads")
+        overrides = ({} if num_heads is None else {"num_attention_heads": num_heads}) | heads
         state_dict = load_official_state_dict(weights)
         return _official_model(state_dict, config_from_official(state_dict, **overrides), model_class, str(weights))
     if model_class is None:
@@ -714,7 +734,8 @@ def _save(model, output: Path, kind: str) -> None:
         save_timm(model, output)
     else:
         output.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"model": to_official_state_dict(model)}, output)
+        config = json.loads(model.config.to_json_string())  # plain JSON types: torch.load(weights_only=True) reads them
+        torch.save({"model": to_official_state_dict(model), MAEKIT_CONFIG_KEY: config}, output)
 
 
 def build_parser(prog: str = "maekit-convert") -> argparse.ArgumentParser:
@@ -739,6 +760,13 @@ def build_parser(prog: str = "maekit-convert") -> argparse.ArgumentParser:
         choices=("auto", *_MODEL_CLASSES),
         help="maekit class to load into (default: the one that uses everything in SOURCE)",
     )
+    for name in ("num-attention-heads", "decoder-num-attention-heads"):
+        parser.add_argument(
+            f"--{name}",
+            type=int,
+            help=f"{name.replace('-', ' ')} of an official or timm SOURCE whose file does not record them (default: "
+            "inferred from the widths, as in the published models)",
+        )
     parser.add_argument("--push-to-hub", metavar="REPO", help="upload the output to this Hub repo")
     parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
     return parser
@@ -777,7 +805,15 @@ def main(argv: list[str] | None = None, prog: str = "maekit-convert") -> int:
     try:
         kind = _source_kind(args.source) if args.source_kind == "auto" else args.source_kind
         model_class = None if args.model_class == "auto" else _MODEL_CLASSES[args.model_class]
-        model = _load_source(args.source, kind, model_class)
+        heads = {
+            field: value
+            for field, value in (
+                ("num_attention_heads", args.num_attention_heads),
+                ("decoder_num_attention_heads", args.decoder_num_attention_heads),
+            )
+            if value is not None
+        }
+        model = _load_source(args.source, kind, model_class, heads)
     except _READ_ERRORS as err:
         return _error(args.source, err, prog)
     if args.to in ("timm", "official") and model.config.layer_norm_eps != _OFFICIAL_EPS:

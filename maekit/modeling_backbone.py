@@ -111,7 +111,8 @@ class MAEBackbone(BackboneMixin, MAEPreTrainedModel):
     config: MAEBackboneConfig
     # What a backbone does not use from pretraining / classification checkpoints: the decoder, the final encoder norm
     # (feature maps are block outputs), classification heads.
-    _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"^mae\.norm\.", r"^fc_norm\.", r"^head\."]
+    # The final norm (of an encoder or pretraining folder) is not used: feature maps are the blocks' outputs.
+    _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"^mae\.norm\.", r"^norm\.", r"^fc_norm\.", r"^head\."]
     # A pyramid absent from the folder (always, for pretraining folders) is new, like a classification head.
     _keys_to_ignore_on_load_missing = [r"^pyramid\."]
 

@@ -165,15 +165,20 @@ class _TarCursor:
 
         Raises:
             _CorruptHeader: a header that is not a tar header.
-            EOFError: an extended header cut short.
+            EOFError: an extended header cut short, or a file that ends without the end-of-archive blocks.
         """
         if self._last_header is not None and self._last_header[0] == offset:
             return self._last_header[1]
         start, long_name = offset, None
         while True:
             block = self._read(offset, TAR_BLOCK)
-            if len(block) < TAR_BLOCK or not block.strip(b"\0"):
-                found = None  # the end-of-archive zero blocks, or the end of the file
+            if len(block) < TAR_BLOCK:  # a tar file ends with zero blocks: without them it was cut short
+                raise EOFError(
+                    f"{self.url} ends at byte {offset + len(block)} without tar's end-of-archive blocks: the shard is "
+                    "truncated (the samples that followed are missing)."
+                )
+            if not block.strip(b"\0"):
+                found = None  # the end-of-archive zero blocks
                 break
             try:
                 info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")

@@ -249,3 +249,14 @@ def test_docstring_examples_run(obj):
     assert blocks
     for code in blocks:
         exec(compile(code, f"{obj.__name__} docstring", "exec"), {"__name__": "__docstring__"})
+
+
+def test_an_encoder_folder_loads_into_a_backbone_without_a_load_report(tiny_config, tmp_path, capsys, caplog):
+    # An MAEModel folder holds the final norm, which the backbone does not use (its maps are the blocks' outputs).
+    torch.manual_seed(0)
+    MAEModel(tiny_config()).save_pretrained(tmp_path)
+    capsys.readouterr()
+    with caplog.at_level("WARNING"):
+        backbone = AutoBackbone.from_pretrained(tmp_path, out_indices=[1])
+    assert "LOAD REPORT" not in capsys.readouterr().out + capsys.readouterr().err + caplog.text
+    assert isinstance(backbone, MAEBackbone)

@@ -881,3 +881,29 @@ def test_python_dash_m_entry_point():
         [sys.executable, "-m", "maekit.convert", "--help"], capture_output=True, text=True, check=True, timeout=120
     )
     assert "maekit-convert" in result.stdout and "--push-to-hub" in result.stdout
+
+
+def test_official_round_trip_keeps_head_counts_the_file_cannot_show(tmp_path, capsys):
+    # 4 heads of width 32 on a 128-wide encoder: the published-models guess (64-d heads) would say 2.
+    torch.manual_seed(0)
+    model = MAEForPreTraining(MAEConfig(**{**TINY, "hidden_size": 128, "num_attention_heads": 4})).eval()
+    model.save_pretrained(tmp_path / "maekit")
+    assert main([str(tmp_path / "maekit"), str(tmp_path / "mae.pth"), "--to", "official"]) == 0
+    assert main([str(tmp_path / "mae.pth"), str(tmp_path / "back"), "--to", "maekit"]) == 0
+    back = MAEForPreTraining.from_pretrained(tmp_path / "back").eval()
+    assert back.config.num_attention_heads == 4 and back.config.decoder_num_attention_heads == 2
+    pixels, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(back(pixels, noise=noise).logits, model(pixels, noise=noise).logits)
+    # A file without the stored config (as the official code writes it): the heads are given on the command line.
+    plain = torch.load(tmp_path / "mae.pth", weights_only=True)["model"]
+    torch.save({"model": plain}, tmp_path / "plain.pth")
+    args = [str(tmp_path / "plain.pth"), str(tmp_path / "given"), "--to", "maekit"]
+    assert main([*args, "--num-attention-heads", "4", "--decoder-num-attention-heads", "2"]) == 0
+    assert MAEForPreTraining.from_pretrained(tmp_path / "given").config.num_attention_heads == 4
+    capsys.readouterr()
+    # 96 wide: no 64-d heads to guess, so the error names the option that gives them.
+    encoder = MAEModel(MAEConfig(**{**TINY, "hidden_size": 96, "num_attention_heads": 3, "intermediate_size": 64}))
+    torch.save({"model": to_official_state_dict(encoder)}, tmp_path / "w96.pth")
+    assert main([str(tmp_path / "w96.pth"), str(tmp_path / "w96"), "--to", "maekit"]) == 1
+    assert "--num-attention-heads" in capsys.readouterr().err

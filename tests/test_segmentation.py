@@ -276,7 +276,8 @@ def test_cat_max_ratio_redraws_crops_dominated_by_one_class():
 
 
 def test_reduce_labels_and_photometric_distortion():
-    assert reduce_labels(np.array([0, 1, 150, 255])).tolist() == [255, 0, 149, 254]
+    # As mmseg's LoadAnnotations(reduce_zero_label=True): 0 -> 255, k -> k - 1, and 255 stays 255 (254 is put back).
+    assert reduce_labels(np.array([0, 1, 150, 255])).tolist() == [255, 0, 149, 255]
     pixels = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
     outs = [photometric_distortion(pixels, sample_rng(0, 0, i)) for i in range(20)]
     assert all(o.dtype == np.uint8 and o.shape == pixels.shape for o in outs)
@@ -405,3 +406,28 @@ def test_overfitting_real_texture_mosaics_drives_loss_down_and_miou_up():
     end = evaluate_segmentation(model, [batch])["mean_iou"]
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5])
     assert start < 0.4 and end > 0.85
+
+
+def test_label_maps_with_class_ids_beyond_num_labels_are_refused_naming_them():
+    # With 2 classes a label 2 used to reach the loss: IndexError in PyTorch, a device-side assert on CUDA.
+    image = Image.new("RGB", (16, 12))
+    labels = np.zeros((12, 16), dtype=np.uint8)
+    labels[0, 0], labels[1, 1] = 2, 255
+    for transform in (
+        SegmentationTrainTransform(crop_size=8, scale=(16, 12), num_labels=2),
+        SegmentationEvalTransform(scale=(16, 12), num_labels=2),
+    ):
+        with pytest.raises(ValueError, match=r"class ids \[2\] outside \[0, num_labels=2\)"):
+            transform(image, labels, torch.Generator().manual_seed(0))
+    labels[0, 0] = 1
+    assert SegmentationEvalTransform(scale=(16, 12), num_labels=2)(image, labels)["labels"].max() == 255  # ignored
+    # reduce_labels: 0 is ignored and 1..N become 0..N-1, so N is allowed before the reduction.
+    labels[0, 0] = 2
+    reduced = SegmentationEvalTransform(scale=(16, 12), num_labels=2, reduce_labels=True)(image, labels)
+    assert reduced["labels"][0, 0] == 1
+    dataset = SegmentationDataset(
+        [{"image": image, "annotation": Image.fromarray(np.full((12, 16), 5, np.uint8))}],
+        SegmentationEvalTransform(scale=(16, 12), num_labels=2),
+    )
+    with pytest.raises(ValueError, match="sample 0: label map holds class ids"):
+        dataset[0]

@@ -332,3 +332,20 @@ def test_shard_reader_benchmark_runs(tmp_path, monkeypatch, capsys):
     assert {"maekit", "datasets"} <= {row["reader"] for row in result["rows"]}
     assert all(row["read rec/s"] > row["read+decode rec/s"] > 0 and row["resume ms"] > 0 for row in result["rows"])
     assert "Tar shard readers" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("where", ["at a member boundary", "inside a header"])
+def test_a_shard_cut_between_samples_is_reported_as_truncated(tmp_path, caplog, where):
+    # A shard cut at a header (or inside one) used to read as complete: the lost samples went uncounted.
+    _write_tar(tmp_path / "t-0.tar", [(f"k{i}", {"jpg": _jpeg(i), "cls": b"0"}) for i in range(4)])
+    data = (tmp_path / "t-0.tar").read_bytes()
+    cut = data.index(b"k2.jpg") + (0 if where == "at a member boundary" else 200)
+    (tmp_path / "t-0.tar").write_bytes(data[:cut])
+    reader = ShardedImageDataset(str(tmp_path / "t-0.tar"), shuffle_buffer=0).reader(epoch=0)
+    with caplog.at_level("WARNING"):
+        assert _keys(reader) == ["k0", "k1"]
+    assert reader.num_skipped == 1 and "truncated" in caplog.text
+    # An intact shard (its end-of-archive blocks present) reads without a skip.
+    _write_tar(tmp_path / "u-0.tar", [(f"k{i}", {"jpg": _jpeg(i), "cls": b"0"}) for i in range(4)])
+    intact = ShardedImageDataset(str(tmp_path / "u-0.tar"), shuffle_buffer=0).reader(epoch=0)
+    assert _keys(intact) == ["k0", "k1", "k2", "k3"] and intact.num_skipped == 0

@@ -35,7 +35,25 @@ __all__ = [
 def reduce_labels(labels: np.ndarray, ignore_index: int = 255) -> np.ndarray:
     """ADE20K's `reduce_zero_label`: 0 ("other") becomes `ignore_index`, every other class id moves down by one."""
     labels = labels.astype(np.int64)
-    return np.where(labels == 0, ignore_index, labels - 1)
+    # Pixels already ignored stay ignored (mmseg's `reduce_zero_label` puts 254 back to 255).
+    return np.where((labels == 0) | (labels == ignore_index), ignore_index, labels - 1)
+
+
+def _checked_labels(label: Any, reduce: bool, ignore_index: int, num_labels: int | None) -> np.ndarray:
+    """The label map as an array, reduced if asked, with every class id below `num_labels` (when given)."""
+    labels = _label_array(label)
+    if reduce:
+        labels = reduce_labels(labels, ignore_index)
+    if num_labels is not None:
+        ids = np.unique(labels)
+        wrong = ids[(ids != ignore_index) & ((ids < 0) | (ids >= num_labels))]
+        if wrong.size:
+            raise ValueError(
+                f"label map holds class ids {wrong[:10].tolist()} outside [0, num_labels={num_labels}) (after "
+                f"reduce_labels={reduce}; {ignore_index} is ignored): give the right number of classes, or "
+                "reduce_labels if 0 is the 'other' class."
+            )
+    return labels
 
 
 def _label_array(label: Any) -> np.ndarray:
@@ -126,6 +144,8 @@ class SegmentationTrainTransform:
         mean, std (`Sequence[float]`): normalization (ImageNet's by default, as MAE).
         ignore_index (`int`): label of padded and unlabelled pixels.
         reduce_labels (`bool`): ADE20K's `reduce_zero_label` (see `reduce_labels`) before anything else.
+        num_labels (`int`, *optional*): the model's number of classes: a label map with another class id is refused
+            with an error saying which (a loss would fail with an index error, on CUDA a device-side assert).
 
     Call it as `transform(image, label, generator)` with a PIL image and a label map (PIL image or array of class
     ids). Returns `{"pixel_values": float (3, H, W), "labels": int64 (H, W)}`.
@@ -143,6 +163,7 @@ class SegmentationTrainTransform:
         std: Sequence[float] = IMAGENET_DEFAULT_STD,
         ignore_index: int = 255,
         reduce_labels: bool = False,
+        num_labels: int | None = None,
     ):
         self.crop_size = as_hw(crop_size, "crop_size")
         self.scale = as_hw(scale, "scale")
@@ -156,6 +177,7 @@ class SegmentationTrainTransform:
         self.photometric_distortion = photometric_distortion
         self.ignore_index = ignore_index
         self.reduce_labels = reduce_labels
+        self.num_labels = num_labels
         self.normalize = _Normalize(mean, std)
 
     def __repr__(self) -> str:
@@ -173,11 +195,9 @@ class SegmentationTrainTransform:
 
     def __call__(self, image: Image.Image, label: Any, generator: torch.Generator | None = None) -> dict:
         image = convert_image_mode(image, 3)
-        labels = _label_array(label)
+        labels = _checked_labels(label, self.reduce_labels, self.ignore_index, self.num_labels)
         if labels.shape != (image.height, image.width):
             raise ValueError(f"label map {labels.shape} and image {(image.height, image.width)} differ in size.")
-        if self.reduce_labels:
-            labels = reduce_labels(labels, self.ignore_index)
         # Random resize: bilinear for the image, nearest for the labels.
         size = _rescale_size(image.width, image.height, self.scale, _uniform(*self.ratio_range, generator))
         image = image.resize(size, Image.Resampling.BILINEAR)
@@ -215,7 +235,7 @@ class SegmentationEvalTransform:
         scale (`(int, int)`): long edge <= max, short edge <= min after resizing.
         size_divisor (`int`, *optional*): additionally round the resized height and width down to a multiple of this
             (e.g. the patch size, for whole-image inference without padding).
-        mean, std, ignore_index, reduce_labels: as `SegmentationTrainTransform`.
+        mean, std, ignore_index, reduce_labels, num_labels: as `SegmentationTrainTransform`.
 
     Call it as `transform(image, label=None, generator=None)`; returns `{"pixel_values": (3, h, w)}` plus
     `"labels": (H, W)` at the original size when a label map is given.
@@ -229,6 +249,7 @@ class SegmentationEvalTransform:
         std: Sequence[float] = IMAGENET_DEFAULT_STD,
         ignore_index: int = 255,
         reduce_labels: bool = False,
+        num_labels: int | None = None,
     ):
         self.scale = as_hw(scale, "scale")
         if size_divisor is not None and (not isinstance(size_divisor, int) or size_divisor < 1):
@@ -236,6 +257,7 @@ class SegmentationEvalTransform:
         self.size_divisor = size_divisor
         self.ignore_index = ignore_index
         self.reduce_labels = reduce_labels
+        self.num_labels = num_labels
         self.normalize = _Normalize(mean, std)
 
     def __repr__(self) -> str:
@@ -249,9 +271,7 @@ class SegmentationEvalTransform:
             height = max(height // self.size_divisor, 1) * self.size_divisor
         out = {"pixel_values": self.normalize(np.asarray(image.resize((width, height), Image.Resampling.BILINEAR)))}
         if label is not None:
-            labels = _label_array(label)
-            if self.reduce_labels:
-                labels = reduce_labels(labels, self.ignore_index)
+            labels = _checked_labels(label, self.reduce_labels, self.ignore_index, self.num_labels)
             out["labels"] = torch.from_numpy(labels)
         return out
 
@@ -288,7 +308,11 @@ class SegmentationDataset(torch.utils.data.Dataset):
             if column not in record:
                 raise KeyError(f"column {column!r} not in the record; columns: {sorted(record)}.")
         image, label = record[self.image_column], record[self.label_column]
-        return self.transform(image, label, sample_rng(self.seed, self.epoch, int(index)))
+        try:
+            return self.transform(image, label, sample_rng(self.seed, self.epoch, int(index)))
+        except ValueError as err:
+            where = getattr(label, "filename", "") or getattr(image, "filename", "")
+            raise ValueError(f"sample {index}{f' ({where})' if where else ''}: {err}") from err
 
 
 def segmentation_collate_fn(examples: list[dict]) -> dict[str, torch.Tensor]:

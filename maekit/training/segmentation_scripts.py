@@ -223,13 +223,15 @@ def build_segmentation_model(args: SegmentationModelArguments, id2label: dict[in
     return UperNetForSemanticSegmentation(UperNetConfig(backbone_config=backbone, **labels, **head))
 
 
-def segmentation_transforms(data_args: SegmentationDataArguments, ignore_index: int = 255) -> dict[str, Any]:
+def segmentation_transforms(
+    data_args: SegmentationDataArguments, ignore_index: int = 255, num_labels: int | None = None
+) -> dict[str, Any]:
     """`{"train", "eval", "image_processor"}`: mmsegmentation's ADE20K training and evaluation pipelines with the
     data arguments, and the image processor saved with the model. `pipeline("image-segmentation")` resizes every
     image to the processor's fixed square: the short edge of `scale` (512 for ADE20K), the scale the model saw."""
     from ..segmentation import SegmentationEvalTransform, SegmentationTrainTransform, segmentation_image_processor
 
-    common = dict(ignore_index=ignore_index, reduce_labels=data_args.reduce_labels)
+    common = dict(ignore_index=ignore_index, reduce_labels=data_args.reduce_labels, num_labels=num_labels)
     scale = tuple(data_args.scale)
     train = SegmentationTrainTransform(
         crop_size=data_args.crop_size,
