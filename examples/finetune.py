@@ -34,7 +34,8 @@ def parse_arguments(argv: list[str], demo_defaults: dict = DEMO_DEFAULTS, base_d
                     recipes: bool = True) -> tuple:  # fmt: skip
     """Defaults: `base_defaults`, then the official recipe of the model's size (`recipes=True`), then the demo's
     (no data arguments); what `argv` says wins."""
-    return parse_script_arguments(ARGUMENTS, argv, demo_defaults, base_defaults, finetune_recipe if recipes else None)
+    recipe = finetune_recipe if recipes else None
+    return parse_script_arguments(ARGUMENTS, argv, demo_defaults, base_defaults, recipe, description=__doc__)
 
 
 def main(argv: list[str] | None = None) -> dict:

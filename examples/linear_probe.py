@@ -31,7 +31,7 @@ ARGUMENTS = (ClassifierModelArguments, ClassificationDataArguments, Classificati
 def parse_arguments(argv: list[str], demo_defaults: dict = DEMO_DEFAULTS, base_defaults: dict = PROBE_DEFAULTS,
                     recipes: bool = False) -> tuple:  # fmt: skip
     """Defaults: the official probe recipe, then the demo's (no data arguments); what `argv` says wins."""
-    return parse_script_arguments(ARGUMENTS, argv, demo_defaults, base_defaults)
+    return parse_script_arguments(ARGUMENTS, argv, demo_defaults, base_defaults, description=__doc__)
 
 
 def main(argv: list[str] | None = None) -> dict:

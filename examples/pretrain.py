@@ -39,7 +39,8 @@ __all__ = ["DEMO_DEFAULTS", "DEMO_MODEL", "DataArguments", "ModelArguments", "bu
 
 
 def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, MAETrainingArguments]:
-    return parse_script_arguments((ModelArguments, DataArguments, MAETrainingArguments), argv, DEMO_DEFAULTS)
+    arguments = (ModelArguments, DataArguments, MAETrainingArguments)
+    return parse_script_arguments(arguments, argv, DEMO_DEFAULTS, description=__doc__)
 
 
 build_model = build_pretraining_model

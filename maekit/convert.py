@@ -734,7 +734,9 @@ def _save(model, output: Path, kind: str) -> None:
         save_timm(model, output)
     else:
         output.parent.mkdir(parents=True, exist_ok=True)
-        config = json.loads(model.config.to_json_string())  # plain JSON types: torch.load(weights_only=True) reads them
+        config = json.loads(
+            model.config.to_json_string()
+        )  # plain JSON types: torch.load(weights_only=True) reads them
         torch.save({"model": to_official_state_dict(model), MAEKIT_CONFIG_KEY: config}, output)
 
 

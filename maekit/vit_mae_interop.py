@@ -179,8 +179,9 @@ def load_transformers_vit_mae(cls, pretrained_model_name_or_path, config_dict: d
     attn_implementation = kwargs.pop("attn_implementation", None)
     # Config overrides as transformers' from_pretrained takes them (num_labels=, pooling=, drop_path_rate=, ...).
     overrides = {k: kwargs.pop(k) for k in list(kwargs) if k not in HUB_KWARGS and hasattr(config, k)}
-    if overrides:
-        config = MAEConfig(**{**config.to_dict(), **overrides})
+    for name, value in overrides.items():  # as attributes, which keeps linked fields (norm_pix_loss / target) in step
+        setattr(config, name, value)
+    config.validate()
     sd = state_dict_from_transformers(source.state_dict(), config)
     model = cls(config)
     if attn_implementation:

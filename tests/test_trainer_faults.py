@@ -106,7 +106,7 @@ def test_rollback_reloads_the_newest_checkpoint_and_skips_the_bad_batch(tiny_con
     rolled = run_with_infinite_gradients(tiny_config, tmp_path / "rollback", {2}, nonfinite_loss="rollback", **common)
     result = rolled.train()
     assert result.global_step == 6 and rolled.state.num_rollbacks == 1 and rolled.state.num_nonfinite_steps == 1
-    assert [e["step"] for e in rolled.state.log_history if "loss" in e] == [1, 2, 4, 5, 6]
+    assert [e["step"] for e in rolled.state.log_history if "loss" in e] == [1, 2, 3, 4, 5, 6]  # 3: no applied step
     # Nothing else draws random numbers here, so going back to checkpoint-2 and skipping step 3 equals skipping it.
     skipped = run_with_infinite_gradients(tiny_config, tmp_path / "skip", {2}, nonfinite_loss="skip", **common)
     skipped.train()
@@ -400,3 +400,80 @@ def test_resuming_with_another_schedule_type_is_refused(tiny_config, tmp_path):
     poly = make_args(tmp_path, max_steps=2, resume_from_checkpoint="latest", lr_schedule="poly")
     with pytest.raises(ValueError, match="lr_schedule: 'cosine' in the checkpoint, 'poly' now"):
         MAETrainer(make_model(tiny_config), poly, TensorImages(16)).train()
+
+
+def test_fp16_loss_scaler_survives_a_skipped_step(tiny_config, tmp_path):
+    # With a GradScaler a dropped step left it "unscaled": the next step failed in unscale_(). The scaler must see the
+    # non-finite step (it skips it and lowers its scale).
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # mixed precision is fixed once per process
+    try:
+        images = TensorImages(16)
+        images.images[3, 0, 0, 0] = math.nan  # one poisoned image: a NaN loss at its step
+        args = make_args(tmp_path, max_steps=8, nonfinite_loss="skip", mixed_precision="fp16")
+        trainer = MAETrainer(make_model(tiny_config), args, images)
+        trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)  # accelerate makes none on CPU
+        trainer.accelerator.native_amp = True
+        assert trainer.train().global_step == 8 and trainer.state.num_nonfinite_steps >= 1
+        assert trainer.accelerator.scaler.get_scale() < 2.0**4  # the overflow lowered the scale
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_a_serialization_error_while_checkpointing_is_reported_and_cleaned_up(tiny_config, tmp_path, monkeypatch):
+    # safetensors reports a full disk with its own exception type, not OSError.
+    from safetensors import SafetensorError
+
+    from maekit.training import checkpointing
+
+    trainer = MAETrainer(make_model(tiny_config), make_args(tmp_path, max_steps=4, save_steps=2), TensorImages(16))
+    write = checkpointing._write_model_folder
+
+    def full_disk(unwrapped, state_dict, folder, *args):
+        if folder.name == ".tmp-checkpoint-4":
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        write(unwrapped, state_dict, folder, *args)
+
+    monkeypatch.setattr(checkpointing, "_write_model_folder", full_disk)
+    with pytest.raises(CheckpointWriteError, match="No space left on device while writing checkpoint 4"):
+        trainer.train()
+    assert not (tmp_path / ".tmp-checkpoint-4").exists() and (tmp_path / "checkpoint-2").is_dir()
+
+
+def test_resume_refuses_another_seed_or_objective_and_accepts_a_moved_image_folder(tiny_config, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(16):
+        Image.fromarray(np.full((32, 32, 3), 10 * i, np.uint8)).save(folder / f"{i:02d}.png")
+
+    def dataset(path):
+        from maekit.data import load_image_dataset
+
+        return MAEImageDataset(load_image_dataset(str(path))[0], MAETrainTransform(size=32))
+
+    MAETrainer(make_model(tiny_config), make_args(tmp_path / "run", max_steps=2), dataset(folder)).train()
+    resume = dict(max_steps=2, resume_from_checkpoint="latest")
+    with pytest.raises(ValueError, match="seed: 0 in the checkpoint, 1 now"):
+        MAETrainer(make_model(tiny_config), make_args(tmp_path / "run", seed=1, **resume), dataset(folder)).train()
+    with pytest.raises(ValueError, match="mask_ratio: 0.75 in the checkpoint, 0.5 now"):
+        model = make_model(tiny_config, mask_ratio=0.5)
+        MAETrainer(model, make_args(tmp_path / "run", **resume), dataset(folder)).train()
+    # The same images copied elsewhere (a node's local disk) and touched: the same data, resumed.
+    import shutil
+
+    copy = shutil.copytree(folder, tmp_path / "local-copy")
+    (copy / "03.png").touch()
+    assert MAETrainer(make_model(tiny_config), make_args(tmp_path / "run", **resume), dataset(copy)).train()
+
+
+def test_a_rollback_at_the_last_step_still_evaluates_logs_and_saves(tiny_config, tmp_path):
+    model = make_model(tiny_config)
+    hook = InfiniteGradientsFrom(model, {3})  # the last of 4 steps
+    args = make_args(tmp_path, max_steps=4, save_steps=2, nonfinite_loss="rollback", save_total_limit=None)
+    trainer = MAETrainer(model, args, TensorImages(16), eval_dataset=TensorImages(4, seed=1))
+    hook.trainer = trainer
+    result = trainer.train()
+    assert result.global_step == 4 and trainer.state.num_rollbacks == 1
+    assert (tmp_path / "checkpoint-4").is_dir() and math.isfinite(result.metrics["eval_loss"])
+    assert [e["step"] for e in trainer.state.log_history if "eval_loss" in e][-1] == 4

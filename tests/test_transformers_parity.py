@@ -13,7 +13,7 @@ from transformers import AutoModel, AutoModelForPreTraining, ViTMAEConfig, ViTMA
 from maekit import MAEConfig, MAEForImageClassification, MAEForPreTraining, MAEModel
 from maekit.convert import to_transformers
 
-from .conftest import official_sincos
+from .conftest import TINY, official_sincos
 
 ATOL = 1e-5
 
@@ -271,3 +271,12 @@ def test_classifier_from_maekit_pretraining_folder_is_quiet(tmp_path, tiny_confi
 def test_transformers_folder_with_eager_attention(tmp_path):
     reference_model().save_pretrained(tmp_path)
     assert MAEModel.from_pretrained(tmp_path, attn_implementation="eager").config._attn_implementation == "eager"
+
+
+def test_loading_a_vit_mae_folder_with_a_loss_override(tmp_path):
+    # norm_pix_loss=True on a transformers folder was refused: the stored target="pixel" contradicted it.
+    from maekit.convert import to_transformers
+
+    to_transformers(MAEForPreTraining(MAEConfig(**TINY))).save_pretrained(tmp_path)
+    model = MAEForPreTraining.from_pretrained(tmp_path, norm_pix_loss=True, mask_ratio=0.5)
+    assert model.config.norm_pix_loss and model.config.target == "norm_pixel" and model.config.mask_ratio == 0.5

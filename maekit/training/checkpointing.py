@@ -96,6 +96,8 @@ class RunSignature:
     min_lr: float
     lr_schedule: str = "cosine"
     lr_poly_power: float | None = None  # only with the poly schedule
+    seed: int | None = None  # the data order, augmentations and masks
+    task: dict[str, Any] | None = None  # the objective (`Task.resume_signature`), e.g. the mask ratio
 
     def differences(self, saved: dict[str, Any]) -> list[str]:
         """`"name: saved -> now"` for every field that differs from a checkpoint record (fields it lacks are not
@@ -104,11 +106,21 @@ class RunSignature:
         for name, value in asdict(self).items():
             if name not in saved or saved[name] is None or value is None:
                 continue
-            old = saved[name]
-            same = abs(old - value) <= 1e-12 * max(abs(old), abs(value)) if isinstance(value, float) else old == value
-            if not same:
-                found.append(f"{name}: {old!r} in the checkpoint, {value!r} now")
+            if isinstance(value, dict):  # the task's fields, one by one
+                found += [
+                    f"{key}: {saved[name][key]!r} in the checkpoint, {item!r} now"
+                    for key, item in value.items()
+                    if key in saved[name] and not _same(saved[name][key], item)
+                ]
+            elif not _same(saved[name], value):
+                found.append(f"{name}: {saved[name]!r} in the checkpoint, {value!r} now")
         return found
+
+
+def _same(old: Any, new: Any) -> bool:
+    if isinstance(old, float) or isinstance(new, float):
+        return isinstance(old, (int, float)) and abs(old - new) <= 1e-12 * max(abs(old), abs(new))
+    return old == new
 
 
 class CheckpointWriteError(RuntimeError):
@@ -238,14 +250,19 @@ class Checkpoints:
             if tmp.exists():
                 shutil.rmtree(tmp)
         accelerator.wait_for_everyone()
+        # Every stage runs on every process even after a failure of this one, so that the collective calls inside
+        # (barriers, gathering sharded weights) stay in step; the first error is reported below on every process.
         error = None
-        try:
-            accelerator.save_state(str(tmp))
-            write_model(tmp)
-            if accelerator.is_main_process:
+        for stage in (lambda: accelerator.save_state(str(tmp)), lambda: write_model(tmp)):
+            try:
+                stage()
+            except Exception as err:  # disk full (OSError, torch's RuntimeError, SafetensorError), permissions, ...
+                error = error or err
+        if accelerator.is_main_process and error is None:
+            try:
                 (tmp / TRAINER_STATE_NAME).write_text(json.dumps(record, indent=2))
-        except (OSError, RuntimeError) as err:  # disk full, permissions, ...: reported below on every process
-            error = err
+            except Exception as err:
+                error = err
         failed = accelerator.reduce(torch.tensor(float(error is not None), device=accelerator.device), "sum")
         if failed.item() > 0:
             if accelerator.is_main_process:
@@ -291,29 +308,38 @@ def save_model_folder(accelerator, model: torch.nn.Module, folder: Path, task, i
     `task.exported_state_dict` decides how the model is presented (e.g. a probe head folded); with `checkpoint=True`
     the tensors a resumed run needs beyond that (`task.training_only_state`) go to `training_only.safetensors`.
     """
-    from safetensors.torch import save_file
-    from transformers.utils import logging as transformers_logging
 
     accelerator.wait_for_everyone()
     # torch.compile (torch_compile=True) prefixes parameter names with `_orig_mod.`; the saved model must not.
     state_dict = {k.replace("_orig_mod.", ""): v for k, v in accelerator.get_state_dict(model).items()}
+    error = None
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        bars = transformers_logging.is_progress_bar_enabled()
-        transformers_logging.disable_progress_bar()  # its bars would interleave with the training bar
         try:
-            with task.exported_state_dict(unwrapped, state_dict) as exported:
-                unwrapped.save_pretrained(folder, state_dict=exported)
-        finally:
-            if bars:
-                transformers_logging.enable_progress_bar()
-        if image_processor is not None:
-            image_processor.save_pretrained(folder)
-        extra = task.training_only_state(state_dict) if checkpoint else {}
-        if extra:
-            tensors = {k: v.detach().contiguous().cpu() for k, v in extra.items()}
-            save_file(tensors, folder / TRAINING_ONLY_WEIGHTS_NAME)
+            _write_model_folder(accelerator.unwrap_model(model), state_dict, folder, task, image_processor, checkpoint)
+        except Exception as err:  # raised after the barrier: the other processes must not wait for this one forever
+            error = err
     accelerator.wait_for_everyone()
+    if error is not None:
+        raise error
+
+
+def _write_model_folder(unwrapped, state_dict: dict, folder: Path, task, image_processor, checkpoint: bool) -> None:
+    from safetensors.torch import save_file
+    from transformers.utils import logging as transformers_logging
+
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()  # its bars would interleave with the training bar
+    try:
+        with task.exported_state_dict(unwrapped, state_dict) as exported:
+            unwrapped.save_pretrained(folder, state_dict=exported)
+    finally:
+        if bars:
+            transformers_logging.enable_progress_bar()
+    if image_processor is not None:
+        image_processor.save_pretrained(folder)
+    extra = task.training_only_state(state_dict) if checkpoint else {}
+    if extra:
+        save_file({k: v.detach().contiguous().cpu() for k, v in extra.items()}, folder / TRAINING_ONLY_WEIGHTS_NAME)
 
 
 def load_model_folder(model: torch.nn.Module, folder: Path) -> None:

@@ -3,8 +3,8 @@
 Two recipes of the official code:
 
 - fine-tuning (`linear_probe=False`): every parameter trains; AdamW over layer-wise decayed groups
-  (`param_groups_layer_decay`), Mixup / CutMix soft targets with label smoothing (`MixupCollator`), or label smoothing
-  alone, and the drop path of `config.drop_path_rate`;
+  (`param_groups_layer_decay`), Mixup / CutMix soft targets with label smoothing (`Mixup`, drawn from (seed, step)),
+  or label smoothing alone, and the drop path of `config.drop_path_rate`;
 - linear probing (`linear_probe=True`): the encoder is frozen (and kept in eval mode), the head is replaced by the
   official `BatchNorm1d(affine=False) + Linear` (`LinearProbeHead`) and trained with `LARS`.
 
@@ -23,7 +23,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..augment import Mixup, MixupCollator, one_hot_targets
+from ..augment import Mixup, one_hot_targets
+from ..data import sample_rng
 from ..evaluation import LinearProbeHead
 from .arguments import ClassificationTrainingArguments
 from .checkpointing import best_from_history, keep_best_model
@@ -38,6 +39,10 @@ if TYPE_CHECKING:
     from transformers import BaseImageProcessor
 
 __all__ = ["ClassificationTask", "ClassificationTrainer", "fold_linear_probe_head"]
+
+# `sample_rng(seed, step, index)` streams above 2**32 are not samples: the mixing of a micro-batch is drawn from
+# `sample_rng(seed, step, _MIXUP_STREAM + its offset in the global batch)`.
+_MIXUP_STREAM = 2**32 + 16
 
 
 def fold_linear_probe_head(head: LinearProbeHead) -> nn.Linear:
@@ -64,6 +69,10 @@ class ClassificationTask(Task):
         self.linear_probe = linear_probe
         self.name = "linear-probing" if linear_probe else "fine-tuning"
         self.num_labels = 0  # set by `setup`
+        # Mixup / CutMix (set by `setup` when the arguments mix): applied to each micro-batch in `compute_loss` with
+        # draws from (seed, step, position in the global batch), so a resumed run mixes as the interrupted one would
+        # have (a collator in DataLoader workers draws from their seeds instead).
+        self.mixup: Mixup | None = None
 
     def setup(self, trainer: Trainer) -> None:
         """Check the model; for linear probing, put the probe head on and freeze everything else."""
@@ -81,21 +90,16 @@ class ClassificationTask(Task):
                 model.head = LinearProbeHead(config.hidden_size, self.num_labels)
             for name, param in model.named_parameters():
                 param.requires_grad = name.startswith("head.")
-
-    def default_collator(self, trainer: Trainer) -> Callable | None:
-        """`MixupCollator` when the arguments mix batches (Mixup / CutMix), else the plain collate function."""
         args = trainer.args
-        if not args.mixes:
-            return None
-        mixup = Mixup(
-            self.num_labels,
-            mixup_alpha=args.mixup,
-            cutmix_alpha=args.cutmix,
-            prob=args.mixup_prob,
-            switch_prob=args.mixup_switch_prob,
-            label_smoothing=args.label_smoothing,
-        )
-        return MixupCollator(mixup)
+        if args.mixes:
+            self.mixup = Mixup(
+                self.num_labels,
+                mixup_alpha=args.mixup,
+                cutmix_alpha=args.cutmix,
+                prob=args.mixup_prob,
+                switch_prob=args.mixup_switch_prob,
+                label_smoothing=args.label_smoothing,
+            )
 
     def create_optimizer(self, trainer: Trainer) -> torch.optim.Optimizer:
         """LARS over the head (linear probing) or AdamW over the layer-decay groups (fine-tuning).
@@ -117,10 +121,14 @@ class ClassificationTask(Task):
         """Cross-entropy against the batch's soft targets (Mixup / CutMix) or its smoothed class indices."""
         if self.linear_probe:  # a frozen encoder runs as at inference (no drop path / dropout)
             trainer.accelerator.unwrap_model(model).mae.eval()
-        labels = batch["labels"].to(context.device, non_blocking=True)
+        pixel_values, labels = batch["pixel_values"], batch["labels"]
+        if self.mixup is not None and labels.ndim == 1:  # (a collator may have mixed already: soft targets)
+            generator = sample_rng(trainer.args.seed, context.step, _MIXUP_STREAM + context.offset)
+            pixel_values, labels = self.mixup(pixel_values, labels, generator)
+        labels = labels.to(context.device, non_blocking=True)
         if labels.ndim == 1 and trainer.args.label_smoothing > 0:
             labels = one_hot_targets(labels, self.num_labels, trainer.args.label_smoothing)
-        return model(pixel_values=batch["pixel_values"].to(context.device, non_blocking=True), labels=labels).loss
+        return model(pixel_values=pixel_values.to(context.device, non_blocking=True), labels=labels).loss
 
     def evaluate(self, trainer: Trainer) -> dict[str, float]:
         """Loss, top-1 and top-5 accuracy (in percent) over `eval_dataset`, gathered over all processes.
@@ -161,6 +169,10 @@ class ClassificationTask(Task):
     def after_resume(self, trainer: Trainer) -> None:
         """The best evaluation so far, from the restored log history."""
         best_from_history(trainer.state, "eval_acc1")
+
+    def resume_signature(self, trainer: Trainer) -> dict:
+        config = trainer.model.config
+        return {"linear_probe": self.linear_probe, "num_labels": self.num_labels, "pooling": config.pooling}
 
     @contextmanager
     def exported_state_dict(self, model: nn.Module, state_dict: dict[str, torch.Tensor]) -> Iterator[dict]:
@@ -229,8 +241,9 @@ class ClassificationTrainer(Trainer):
         eval_dataset (`torch.utils.data.Dataset`, *optional*): labeled evaluation items (e.g. with
             `FineTuneEvalTransform`); without it there is no evaluation and no best model.
         image_processor (`MAEImageProcessor`, *optional*): saved next to the model (and the best model).
-        data_collator (`Callable`, *optional*): training collate function; by default `MixupCollator` when
-            `args.mixes`, else `maekit.data.collate_fn`. Evaluation always uses `collate_fn`.
+        data_collator (`Callable`, *optional*): training collate function (default `maekit.data.collate_fn`); with
+            `args.mixes` the task mixes each micro-batch itself (Mixup / CutMix, reproducible from (seed, step)).
+            Evaluation always uses `collate_fn`.
         dataset_name (`str`, *optional*): the dataset's Hub id, recorded in the model card (a local path is not).
 
     Example:

@@ -74,6 +74,11 @@ class PretrainingTask(Task):
         noise = self._noise[context.offset : context.offset + pixel_values.shape[0]].to(context.device)
         return model(pixel_values=pixel_values, noise=noise).loss
 
+    def resume_signature(self, trainer: Trainer) -> dict:
+        config = trainer.model.config
+        fields = ("mask_ratio", "mask_strategy", "target", "encoder_mask_token", "drop_path_rate")
+        return {name: getattr(config, name) for name in fields}
+
     def evaluate(self, trainer: Trainer) -> dict[str, float]:
         """Mean reconstruction loss over `eval_dataset` with fixed masks, gathered over all processes.
 

@@ -239,6 +239,9 @@ class SegmentationTask(Task):
         """The best evaluation so far, from the restored log history."""
         best_from_history(trainer.state, "eval_mean_iou")
 
+    def resume_signature(self, trainer: Trainer) -> dict:
+        return {"num_labels": trainer.model.config.num_labels}
+
     def model_card(self, trainer: Trainer) -> ModelCard:
         args, config = trainer.args, trainer.model.config
         backbone = getattr(config, "backbone_config", None)

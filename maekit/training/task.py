@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -80,6 +80,11 @@ class Task:
 
     def after_resume(self, trainer: Trainer) -> None:
         """Called once `trainer.state` holds a checkpoint's state."""
+
+    def resume_signature(self, trainer: Trainer) -> dict[str, Any]:
+        """The settings of the objective a resumed run must share with its checkpoint (JSON values), e.g. the mask
+        ratio: resuming with others would train another objective without saying so."""
+        return {}
 
     @contextmanager
     def exported_state_dict(self, model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> Iterator[dict]:

@@ -16,8 +16,10 @@ and workers; its checkpoint records each reader's position (see `data_order.py`)
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -155,8 +157,31 @@ def _total_norm(parameters) -> torch.Tensor:
 
 
 def _dataset_fingerprint(dataset: Any) -> str | None:
-    """The `datasets` fingerprint of the data behind a maekit dataset (None for other data)."""
-    return getattr(getattr(dataset, "dataset", dataset), "_fingerprint", None)
+    """What identifies the training data from one run to the next (None for data that is not a `datasets.Dataset`).
+
+    Images stored as files (an image folder): a hash of their names relative to the folder that holds them all, in
+    order, so that a copy of the data elsewhere (e.g. to a node's local disk) or touched files are the same data
+    (`datasets`' own fingerprint depends on the paths and modification times). Otherwise `datasets`' fingerprint,
+    a hash of the content for data in memory.
+    """
+    data = getattr(dataset, "dataset", dataset)
+    fingerprint = getattr(data, "_fingerprint", None)
+    column = getattr(getattr(dataset, "load_record", None), "image_column", None)
+    if fingerprint is None or column is None or column not in getattr(data, "column_names", ()):
+        return fingerprint
+    import pyarrow.compute as pc
+
+    try:
+        images = data.with_format("arrow")[column]  # {bytes, path} structs of the (selected) rows, in order
+        paths, stored = pc.struct_field(images, "path"), pc.struct_field(images, "bytes")
+    except (TypeError, KeyError, ValueError, IndexError):  # not undecoded image records
+        return fingerprint
+    if len(paths) == 0 or stored.null_count != len(stored) or paths.null_count:
+        return fingerprint  # images held as bytes: the content fingerprint is the right one
+    names = paths.to_pylist()
+    root = os.path.commonpath(names) if len(names) > 1 else os.path.dirname(names[0])
+    relative = "\n".join(os.path.relpath(name, root) for name in names)
+    return "files:" + hashlib.sha256(relative.encode()).hexdigest()[:16]
 
 
 class Trainer:
@@ -307,6 +332,8 @@ class Trainer:
             min_lr=self.args.min_lr,
             lr_schedule=self.args.lr_schedule,
             lr_poly_power=self.args.lr_poly_power if self.args.lr_schedule == "poly" else None,
+            seed=self.args.seed,
+            task=self.task.resume_signature(self) or None,
         )
 
     # ------------------------------------------------------------------------------------------------------------------
@@ -371,6 +398,7 @@ class Trainer:
                     model.train()
             except _Rollback as rollback:
                 step = self._roll_back(rollback.step)
+                self._maybe_log_evaluate_save(step, total_steps)  # the skipped step's log, evaluation and checkpoint
         self.progress.close()
 
         self._warn_if_the_loss_did_not_move()
@@ -469,12 +497,16 @@ class Trainer:
             grad_norm = _total_norm(model.parameters())  # measured only: no pass that multiplies every gradient by 1
         else:  # Accelerate unscales fp16 gradients first and knows how FSDP shards them
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor (replicated): its value as a plain tensor
+                grad_norm = grad_norm.full_tensor()
         # One host sync per step, as the official loop: the mean loss over all processes (and the norm, the same on
         # every process), so that all processes decide the same.
         mean_loss = accelerator.reduce(loss, reduction="mean")
         norm = grad_norm.float().to(mean_loss.device) if grad_norm is not None else mean_loss
         loss_value, norm_value = torch.stack([mean_loss, norm]).tolist()
         if not math.isfinite(loss_value) or (not math.isfinite(norm_value) and accelerator.scaler is None):
+            if accelerator.scaler is not None:  # fp16: the scaler sees the non-finite gradients, skips the step
+                optimizer.step()  # and lowers its scale (it must be told, or its next unscale_ fails)
             optimizer.zero_grad(set_to_none=True)
             latest = self.checkpoints.latest()
             epoch = step // self.steps_per_epoch
@@ -500,12 +532,13 @@ class Trainer:
     def _roll_back(self, bad_step: int) -> int:
         """Reload the newest checkpoint and continue after `bad_step`, skipping the global batches in between."""
         path = self.checkpoints.latest()
-        counts = (self.state.num_nonfinite_steps, self.state.consecutive_nonfinite_steps, self.state.num_rollbacks)
-        history, stream_position = self.state.log_history, self.stream_position
-        self._load_checkpoint(path)
-        self.state.num_nonfinite_steps, self.state.consecutive_nonfinite_steps = counts[0], counts[1]
-        self.state.num_rollbacks = counts[2] + 1
-        self.state.log_history = history
+        live, stream_position = self.state, self.stream_position
+        self._load_checkpoint(path)  # weights, optimizer, random state (and its own counters, replaced below)
+        # What happened since the checkpoint still happened: the run's counters, history and best model stay.
+        for name in ("num_skipped_images", "num_nonfinite_steps", "consecutive_nonfinite_steps", "log_history"):
+            setattr(self.state, name, getattr(live, name))
+        self.state.best_metric, self.state.best_step = live.best_metric, live.best_step
+        self.state.num_rollbacks = live.num_rollbacks + 1
         if self.streaming:  # a stream cannot rewind: going on from where it is skips the batches since the checkpoint
             self.stream_position = stream_position
         skipped = bad_step + 1 - int(path.name.split("-")[-1])
