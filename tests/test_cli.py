@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from maekit import MAEForImageClassification, MAEForPreTraining, MAEImageProcessor, MAEModel
 from maekit.cli import build_parser, main, reference_markdown
@@ -264,6 +264,105 @@ def test_extract_features_restarts_where_an_interrupted_run_stopped(capsys, pret
     torch.testing.assert_close(resumed.features, reference.features, rtol=0, atol=1e-6)
 
 
+def interrupt_after_first_chunk(model, source, output, processor, **kwargs) -> None:
+    def interrupt(chunk):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        extract_features_to_file(
+            model, source, output, processor, chunk_size=2, batch_size=1, progress=False, on_chunk=interrupt, **kwargs
+        )
+    assert [p.name for p in output.with_name(output.name + ".parts").glob("chunk-*")] == ["chunk-000000.safetensors"]
+
+
+def invert_images(folder: Path, names=None) -> None:
+    for path in sorted(folder.iterdir()) if names is None else [folder / name for name in names]:
+        with Image.open(path) as image:
+            inverted = ImageOps.invert(image.convert("RGB") if image.mode != "L" else image)
+        inverted.save(path)
+
+
+def test_extract_features_restart_refuses_other_data_edited_files_and_another_dtype(
+    capsys, pretrained, photos, tmp_path
+):
+    model = MAEModel.from_pretrained(pretrained).eval()
+    processor = load_image_processor(str(pretrained), model.config)
+    output = tmp_path / "features.safetensors"
+    # Another folder with the same file names (a copy, every image inverted): its chunks would be another data set's.
+    shutil.copytree(photos, tmp_path / "inverted")
+    invert_images(tmp_path / "inverted")
+    interrupt_after_first_chunk(model, open_image_source(photos), output, processor)
+    command = ("extract-features", pretrained, "--output", output, "--chunk-size", "2", "--no-progress")
+    assert "different data, inputs" in usage_error(capsys, *command, tmp_path / "inverted")
+    # The same folder, a file of the finished chunk edited since: refused too (file sizes and modification times).
+    shutil.rmtree(output.with_name(output.name + ".parts"))
+    shutil.copytree(photos, tmp_path / "edited")
+    interrupt_after_first_chunk(model, open_image_source(tmp_path / "edited"), output, processor)
+    invert_images(tmp_path / "edited", [sorted(photos.iterdir())[0].name])
+    assert "different inputs" in usage_error(capsys, *command, tmp_path / "edited")
+    # An interrupted bfloat16 run is not finished in float32, and the other way round; the same dtype resumes it.
+    shutil.rmtree(output.with_name(output.name + ".parts"))
+    interrupt_after_first_chunk(model, open_image_source(photos), output, processor, dtype=torch.bfloat16)
+    assert "different dtype" in usage_error(capsys, *command, photos)
+    out = run(capsys, *command, photos, "--dtype", "bfloat16")
+    assert "2 inputs resumed from an interrupted run" in out
+
+
+def test_extract_features_restart_tells_path_less_datasets_apart(capsys, pretrained, photos, tmp_path):
+    """Two datasets of in-memory images with the same length have the same names (train[0], ...): the dataset's
+    fingerprint tells them apart."""
+    import datasets
+
+    model = MAEModel.from_pretrained(pretrained).eval()
+    processor = load_image_processor(str(pretrained), model.config)
+    images = [np.asarray(Image.open(path).convert("RGB")) for path in sorted(photos.iterdir())[:3]]
+
+    def save(pixels) -> None:
+        shutil.rmtree(tmp_path / "saved", ignore_errors=True)
+        features = datasets.Features({"image": datasets.Image()})
+        records = [Image.fromarray(array) for array in pixels]
+        datasets.Dataset.from_dict({"image": records}, features=features).save_to_disk(tmp_path / "saved")
+
+    save(images)
+    output = tmp_path / "features.parquet"
+    interrupt_after_first_chunk(model, open_image_source(tmp_path / "saved"), output, processor)
+    save([255 - array for array in images])  # the same path, length and names; other images
+    command = ("extract-features", pretrained, tmp_path / "saved", "--output", output, "--chunk-size", "2")
+    assert "different inputs" in usage_error(capsys, *command, "--no-progress")
+    save(images)  # the first dataset again: its chunks are its own
+    assert "2 inputs resumed" in run(capsys, *command, "--no-progress")
+    assert load_feature_file(output).file_names == ["train[0]", "train[1]", "train[2]"]
+
+
+def test_symlinked_folders_are_followed_and_loops_are_not(photos, tmp_path):
+    from maekit.inputs import find_images
+
+    # data/cat: a folder; data/dog: a link to a folder elsewhere (its images and its class must not vanish).
+    (tmp_path / "data" / "cat").mkdir(parents=True)
+    shutil.copy(photos / "chelsea.png", tmp_path / "data" / "cat")
+    (tmp_path / "elsewhere").mkdir()
+    for name in ("astronaut.png", "camera.png"):
+        shutil.copy(photos / name, tmp_path / "elsewhere")
+    (tmp_path / "data" / "dog").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    expected = ["cat/chelsea.png", "dog/astronaut.png", "dog/camera.png"]
+
+    def check() -> None:
+        source = open_image_source(tmp_path / "data")
+        assert source.names == expected
+        assert source.label_names == ["cat", "dog"] and source.labels == [0, 1, 1]
+        assert find_images([tmp_path / "data"]) == [str(tmp_path / "data" / name) for name in expected]
+
+    check()
+    # A folder of links only, with images only behind them, holds images.
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "dog").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    assert open_image_source(tmp_path / "links").names == ["dog/astronaut.png", "dog/camera.png"]
+    # Links back to a folder they sit in (a loop) are not followed: the same images, once, and no endless walk.
+    (tmp_path / "elsewhere" / "up").symlink_to(tmp_path / "data", target_is_directory=True)
+    (tmp_path / "data" / "cat" / "itself").symlink_to(tmp_path / "data" / "cat", target_is_directory=True)
+    check()
+
+
 def test_extract_features_from_a_file_list_and_from_datasets(capsys, pretrained, photos, tmp_path):
     import datasets
 
@@ -310,6 +409,29 @@ def test_extract_features_from_a_file_list_and_from_datasets(capsys, pretrained,
         capsys, "extract-features", pretrained, tmp_path / "hub", "--output", tmp_path / "hub.parquet", "--no-progress"
     )
     assert load_feature_file(tmp_path / "hub.parquet").file_names == paths
+
+
+def test_extract_features_reads_a_saved_dataset_dict_in_place(capsys, pretrained, photos, tmp_path):
+    """A `DatasetDict.save_to_disk` folder is read where it is (memory-mapped), not copied into the datasets cache."""
+    import datasets
+
+    paths = sorted(photos.iterdir())
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+
+    def split(files):
+        return datasets.Dataset.from_dict({"image": [str(p) for p in files], "label": [0, 1][: len(files)]}, features)
+
+    datasets.DatasetDict({"train": split(paths[:2]), "test": split(paths[2:3])}).save_to_disk(tmp_path / "saved")
+    source = open_image_source(tmp_path / "saved", split="train")
+    assert len(source) == 2 and source.description == f"dataset {tmp_path / 'saved'} (train)"
+    assert [Path(file["filename"]).parent.parent for file in source.records.cache_files] == [tmp_path / "saved"]
+    with pytest.raises(ValueError, match=r"has no split 'validation'; splits: \['train', 'test'\]"):
+        open_image_source(tmp_path / "saved", split="validation")
+    output = tmp_path / "test.safetensors"
+    out = run(capsys, "extract-features", pretrained, tmp_path / "saved", "--split", "test", "--output", output,
+              "--no-progress")  # fmt: skip
+    assert "1 of 1 inputs" in out
+    assert load_feature_file(output).file_names == [paths[2].name]  # save_to_disk stored the image bytes
 
 
 def test_extract_features_errors(capsys, pretrained, photos, tmp_path):
