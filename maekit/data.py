@@ -42,6 +42,7 @@ __all__ = [
     "SeededRandomSampler",
     "build_dataloader",
     "collate_fn",
+    "decode_error_message",
     "decode_image",
     "load_default_dataset",
     "load_image_dataset",
@@ -384,6 +385,27 @@ def undecoded(dataset: Any, image_column: str) -> Any:
     return dataset
 
 
+def decode_error_message(err: BaseException) -> str:
+    """`"<error type>: <message>"` of a decoding error, without PIL's repr of the in-memory file it read
+    (`<_io.BytesIO object at 0x...>`): the same file gives the same message, and the caller names the file.
+
+    Example:
+
+    ```python
+    import io
+
+    from PIL import Image
+    from maekit.data import decode_error_message
+
+    try:
+        Image.open(io.BytesIO(b"not an image"))
+    except OSError as err:
+        assert decode_error_message(err) == "UnidentifiedImageError: cannot identify image file"
+    ```
+    """
+    return f"{type(err).__name__}: {re.sub(r' ?<[^<>]* object at 0x[0-9a-f]+>', '', str(err))}"
+
+
 def _raised_in_pil(err: BaseException) -> bool:
     """Whether an exception was raised inside PIL (a decoding problem) rather than in maekit's own code."""
     tb = err.__traceback__
@@ -417,9 +439,7 @@ class _SampleLoader:
         except _DECODE_ERRORS as err:
             if isinstance(err, ValueError) and not _raised_in_pil(err):
                 raise  # a ValueError of the transform itself is a configuration error, not a bad file
-            # Without PIL's repr of the in-memory file (`<_io.BytesIO object at 0x...>`): the same file, the same message.
-            details = re.sub(r" ?<[^<>]* object at 0x[0-9a-f]+>", "", str(err))
-            raise BadImageError(f"{where}: cannot decode {name}: {type(err).__name__}: {details}") from err
+            raise BadImageError(f"{where}: cannot decode {name}: {decode_error_message(err)}") from err
         sample = {"pixel_values": pixel_values}
         if self.label_column is not None:
             sample["labels"] = int(record[self.label_column])

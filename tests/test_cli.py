@@ -175,6 +175,14 @@ def test_visualize_errors_name_the_problem(capsys, pretrained, photos, tmp_path,
     assert f"cannot read image {tmp_path / 'broken.png'}" in usage_error(
         capsys, "visualize", pretrained, tmp_path / "broken.png"
     )
+    # Not an image at all: PIL's message names an in-memory file object (`<_io.BytesIO object at 0x...>`); the
+    # command's names the file, once, as maekit.data does.
+    (tmp_path / "notes.jpg").write_bytes(b"shopping list")
+    err = usage_error(capsys, "visualize", pretrained, tmp_path / "notes.jpg")
+    expected = (
+        f"error: cannot read image {tmp_path / 'notes.jpg'}: UnidentifiedImageError: cannot identify image file\n"
+    )
+    assert err.endswith(expected)
     (tmp_path / "empty").mkdir()
     assert "is a folder without a config.json" in usage_error(capsys, "visualize", tmp_path / "empty", photos)
     assert "maekit visualize: error:" in usage_error(capsys, "visualize", pretrained, tmp_path / "empty")
@@ -510,13 +518,31 @@ def test_export_classifier_static_batch_and_size(capsys, photos, tmp_path, tiny_
     torch.testing.assert_close(torch.from_numpy(actual), expected, rtol=0, atol=1e-4)
 
 
-def test_export_errors(capsys, pretrained, tmp_path):
+def test_export_errors(capsys, pretrained, tmp_path, tiny_config):
     assert "without a classification head" in usage_error(
         capsys, "export", pretrained, "--classifier", "--format", "torch-export", "--output", tmp_path / "c.pt2"
     )
     assert "writes a .pt2 file" in usage_error(
         capsys, "export", pretrained, "--format", "torch-export", "--output", tmp_path / "c.onnx"
     )
+    # A bad check image is named before anything is exported, without PIL's `<_io.BytesIO object at 0x...>`.
+    (tmp_path / "notes.png").write_bytes(b"shopping list")
+    err = usage_error(
+        capsys, "export", pretrained, "--format", "torch-export", "--output", tmp_path / "e.pt2",
+        "--check-images", tmp_path / "notes.png",
+    )  # fmt: skip
+    expected = (
+        f"error: cannot read image {tmp_path / 'notes.png'}: UnidentifiedImageError: cannot identify image file\n"
+    )
+    assert err.endswith(expected) and not (tmp_path / "e.pt2").exists()
+    # A dynamic image size needs two patches per side: a model trained on fewer is exported at its own size only.
+    small = save_model(MAEModel(tiny_config(image_size=(8, 16), mask_ratio=0.5)), tmp_path / "small")
+    for fmt, output in (("torch-export", tmp_path / "small.pt2"), ("onnx", tmp_path / "small.onnx")):
+        err = usage_error(capsys, "export", small, "--format", fmt, "--output", output)
+        assert "maekit export: error: a dynamic image size needs at least two patches per side" in err
+        assert "image_size 8x16 is 1x2 patches of 8x8; pass --static-size" in err and "Traceback" not in err
+    out = run(capsys, "export", small, "--format", "torch-export", "--output", tmp_path / "small.pt2", "--static-size")
+    assert "input  pixel_values (batch, 3, 8, 16)\n" in out and len(diffs(out)) == 2
 
 
 def test_export_without_onnx_says_what_to_install(capsys, pretrained, tmp_path, monkeypatch):
@@ -629,6 +655,26 @@ def test_write_shards_end_to_end(capsys, labeled_folder, tmp_path):
     run(capsys, "write-shards", labeled_folder, tmp_path / "again", "--max-samples-per-shard", "2")
     for shard in sorted((tmp_path / "shards").iterdir()):
         assert shard.read_bytes() == (tmp_path / "again" / shard.name).read_bytes()
+
+
+def test_write_shards_stay_within_max_shard_size(capsys, tmp_path):
+    from maekit.shards import ShardReader, expand_shard_urls
+
+    # 40 noise PNGs of about 7 kB (noise does not compress): several 100 kB shards, each filled close to the target.
+    rng = np.random.default_rng(0)
+    (tmp_path / "noise").mkdir()
+    for index in range(40):
+        Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(
+            tmp_path / "noise" / f"{index:02d}.png"
+        )
+    out = run(capsys, "write-shards", tmp_path / "noise", tmp_path / "shards", "--max-shard-size", "100kB")
+    shards = sorted((tmp_path / "shards").iterdir())
+    sizes = [shard.stat().st_size for shard in shards]
+    assert len(shards) > 2 and out.startswith(f"Wrote {len(shards)} shard(s)")
+    assert max(sizes) <= 100_000  # tar pads an archive to 10 KiB records: the padding is part of the budget
+    assert min(sizes[:-1]) > 100_000 - 2 * 10_240  # and shards are not closed much earlier than needed
+    pattern = out.strip().rsplit(": ", 1)[1]
+    assert len(list(ShardReader(expand_shard_urls(pattern), shuffle_buffer=0, shuffle_shards=False))) == 40
 
 
 def test_write_shards_errors(capsys, labeled_folder, tmp_path):
