@@ -3,7 +3,9 @@
 Run `maekit --help` or `maekit <command> --help` (also `python -m maekit ...`). This module only parses arguments and
 wires them to library functions (`maekit.inputs`, `maekit.features`, `maekit.export`, `maekit.info`,
 `maekit.visualize`, `maekit.convert`, `maekit.shard_writer`). A user error (a missing file, a model without the
-needed part, a bad argument value) ends as `maekit <command>: error: ...` with exit status 2, never a traceback.
+needed part, a bad argument value) ends as `maekit <command>: error: ...` with exit status 2, never a traceback;
+`maekit convert` exits 1 when its SOURCE cannot be read or converted or its OUTPUT cannot be written, and
+`maekit export` exits 1 when the exported file differs from PyTorch by more than `--atol`.
 """
 
 from __future__ import annotations
@@ -274,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `maekit` and `python -m maekit`; returns the exit status (user errors exit 2 via argparse)."""
+    """Entry point of `maekit` and `python -m maekit`; returns the exit status (user errors exit 2 via argparse, a
+    failed conversion or export check returns 1, an interruption 130)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "convert":
         from .convert import main as convert_main

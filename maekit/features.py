@@ -53,6 +53,14 @@ OUTPUT_SUFFIXES = (".safetensors", ".parquet")
 # safetensors refuses headers above 100 MB; file names live in its JSON header.
 _MAX_SAFETENSORS_HEADER = 80_000_000
 _RUN_FILE = "run.json"
+# How a restart names what differs from the run that wrote the chunks (the keys of run.json).
+_RUN_FIELDS = {
+    "data": "DATA",
+    "inputs": "inputs (their names, file sizes and modification times, or the dataset's fingerprint)",
+    "num_inputs": "number of inputs",
+    "chunk_size": "chunk size",
+    "image_processor": "image processor",
+}
 
 
 @dataclass
@@ -503,11 +511,11 @@ def _prepare_parts(parts: Path, run: dict) -> None:
     run_file = parts / _RUN_FILE
     if run_file.is_file():
         previous = json.loads(run_file.read_text())
-        changed = sorted(key for key in run if previous.get(key) != run[key])
+        changed = [_RUN_FIELDS.get(key, key) for key in run if previous.get(key) != run[key]]
         if changed:
             raise ValueError(
-                f"{parts} holds chunks of another extraction (different {', '.join(changed)}); delete that folder to "
-                "start over, or run the same command as before to finish it."
+                f"{parts} holds the chunks of another extraction; what differs: {'; '.join(changed)}. Delete that "
+                "folder to start over, or run the same command as before to finish it."
             )
         return
     parts.mkdir(parents=True, exist_ok=True)

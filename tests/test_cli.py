@@ -260,7 +260,7 @@ def test_extract_features_restarts_where_an_interrupted_run_stopped(capsys, pret
     parts = output.with_name(output.name + ".parts")
     assert sorted(p.name for p in parts.glob("chunk-*")) == ["chunk-000000.safetensors"] and not output.exists()
     # Another extraction cannot reuse these chunks.
-    assert "different pooling" in usage_error(
+    assert "what differs: pooling." in usage_error(
         capsys, "extract-features", pretrained, photos, "--output", output, "--chunk-size", "2", "--pooling", "mean"
     )
     out = run(capsys, "extract-features", pretrained, photos, "--output", output, "--chunk-size", "2", "--no-progress")
@@ -301,17 +301,19 @@ def test_extract_features_restart_refuses_other_data_edited_files_and_another_dt
     invert_images(tmp_path / "inverted")
     interrupt_after_first_chunk(model, open_image_source(photos), output, processor)
     command = ("extract-features", pretrained, "--output", output, "--chunk-size", "2", "--no-progress")
-    assert "different data, inputs" in usage_error(capsys, *command, tmp_path / "inverted")
+    assert "what differs: DATA; inputs (their names, file sizes and modification times" in usage_error(
+        capsys, *command, tmp_path / "inverted"
+    )
     # The same folder, a file of the finished chunk edited since: refused too (file sizes and modification times).
     shutil.rmtree(output.with_name(output.name + ".parts"))
     shutil.copytree(photos, tmp_path / "edited")
     interrupt_after_first_chunk(model, open_image_source(tmp_path / "edited"), output, processor)
     invert_images(tmp_path / "edited", [sorted(photos.iterdir())[0].name])
-    assert "different inputs" in usage_error(capsys, *command, tmp_path / "edited")
+    assert "what differs: inputs (" in usage_error(capsys, *command, tmp_path / "edited")
     # An interrupted bfloat16 run is not finished in float32, and the other way round; the same dtype resumes it.
     shutil.rmtree(output.with_name(output.name + ".parts"))
     interrupt_after_first_chunk(model, open_image_source(photos), output, processor, dtype=torch.bfloat16)
-    assert "different dtype" in usage_error(capsys, *command, photos)
+    assert "what differs: dtype." in usage_error(capsys, *command, photos)
     out = run(capsys, *command, photos, "--dtype", "bfloat16")
     assert "2 inputs resumed from an interrupted run" in out
 
@@ -336,7 +338,7 @@ def test_extract_features_restart_tells_path_less_datasets_apart(capsys, pretrai
     interrupt_after_first_chunk(model, open_image_source(tmp_path / "saved"), output, processor)
     save([255 - array for array in images])  # the same path, length and names; other images
     command = ("extract-features", pretrained, tmp_path / "saved", "--output", output, "--chunk-size", "2")
-    assert "different inputs" in usage_error(capsys, *command, "--no-progress")
+    assert "what differs: inputs (" in usage_error(capsys, *command, "--no-progress")
     save(images)  # the first dataset again: its chunks are its own
     assert "2 inputs resumed" in run(capsys, *command, "--no-progress")
     assert load_feature_file(output).file_names == ["train[0]", "train[1]", "train[2]"]
