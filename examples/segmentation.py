@@ -26,7 +26,7 @@ from transformers import set_seed
 
 from maekit.segmentation import SegmentationDataset
 from maekit.training import SegmentationTrainer, SegmentationTrainingArguments
-from maekit.training.scripts import is_demo, parse_script_arguments, use_few_threads_for_tiny_models
+from maekit.training.scripts import demo_epilog, is_demo, parse_script_arguments, use_few_threads_for_tiny_models
 from maekit.training.segmentation_scripts import SEGMENTATION_DEMO as DEMO_DEFAULTS
 from maekit.training.segmentation_scripts import SegmentationDataArguments as DataArguments
 from maekit.training.segmentation_scripts import SegmentationModelArguments as ModelArguments
@@ -42,7 +42,9 @@ __all__ = ["DEMO_DEFAULTS", "DataArguments", "ModelArguments", "main", "parse_ar
 def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, SegmentationTrainingArguments]:
     """Defaults: the ADE20K recipe, then the demo's (no data arguments); what `argv` says wins."""
     arguments = (ModelArguments, DataArguments, SegmentationTrainingArguments)
-    return parse_script_arguments(arguments, argv, DEMO_DEFAULTS, description=__doc__)
+    return parse_script_arguments(
+        arguments, argv, DEMO_DEFAULTS, description=__doc__, epilog=demo_epilog(DEMO_DEFAULTS)
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:

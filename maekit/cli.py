@@ -3,7 +3,9 @@
 Run `maekit --help` or `maekit <command> --help` (also `python -m maekit ...`). This module only parses arguments and
 wires them to library functions (`maekit.inputs`, `maekit.features`, `maekit.export`, `maekit.info`,
 `maekit.visualize`, `maekit.convert`, `maekit.shard_writer`). A user error (a missing file, a model without the
-needed part, a bad argument value) ends as `maekit <command>: error: ...` with exit status 2, never a traceback.
+needed part, a bad argument value) ends as `maekit <command>: error: ...` with exit status 2, never a traceback;
+`maekit convert` exits 1 when its SOURCE cannot be read or converted or its OUTPUT cannot be written, and
+`maekit export` exits 1 when the exported file differs from PyTorch by more than `--atol`.
 """
 
 from __future__ import annotations
@@ -180,7 +182,8 @@ def _add_export(commands) -> None:
         help="export the encoder (or classifier) to ONNX or torch.export, checked against PyTorch",
         description=(
             "Export the encoder (input pixel_values, output last_hidden_state) or, with --classifier, the classifier "
-            "(output logits), with a dynamic batch and image size (multiples of the patch size), then run the file "
+            "(output logits), with a dynamic batch and image size (multiples of the patch size, at least two patches "
+            "per side), then run the file "
             "and the PyTorch model on real images and print the largest absolute difference. ONNX needs "
             'pip install "maekit[export]".'
         ),
@@ -273,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `maekit` and `python -m maekit`; returns the exit status (user errors exit 2 via argparse)."""
+    """Entry point of `maekit` and `python -m maekit`; returns the exit status (user errors exit 2 via argparse, a
+    failed conversion or export check returns 1, an interruption 130)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "convert":
         from .convert import main as convert_main
@@ -356,7 +360,7 @@ def _visualize(args: argparse.Namespace) -> int:
 
 def _open_images(paths: Sequence[str], num_channels: int) -> list:
     """Decode every image now, so that a bad file is reported by name."""
-    from .data import decode_image
+    from .data import decode_error_message, decode_image
     from .image_processing_mae import convert_image_mode
 
     images = []
@@ -365,7 +369,7 @@ def _open_images(paths: Sequence[str], num_channels: int) -> list:
             image = decode_image(path)
             image.load()
         except (OSError, SyntaxError, ValueError) as err:
-            raise ValueError(f"cannot read image {path}: {type(err).__name__}: {err}") from err
+            raise ValueError(f"cannot read image {path}: {decode_error_message(err)}") from err
         images.append(convert_image_mode(image, num_channels))
     return images
 
@@ -414,6 +418,23 @@ def _export(args: argparse.Namespace) -> int:
     from .modeling_mae import MAEForImageClassification, MAEModel
 
     model = load_model(args.model, MAEForImageClassification if args.classifier else MAEModel)
+    config = model.config
+    (p, q), channels = config.patch_hw, config.num_channels
+    grid = [size // patch for size, patch in zip(config.image_hw, config.patch_hw)]
+    if not args.static_size and min(grid) < 2:  # torch.export cannot trace a dynamic size from one patch per side
+        raise ValueError(
+            f"a dynamic image size needs at least two patches per side, and {args.model}'s image_size "
+            f"{'x'.join(map(str, config.image_hw))} is {grid[0]}x{grid[1]} patches of {p}x{q}; pass --static-size to "
+            "export it at that size."
+        )
+    # The check images are read first: a bad one is reported before the export, not after it.
+    if args.no_check:
+        images, source = [], ""
+    elif args.check_images:
+        paths = find_images(args.check_images)
+        images, source = _open_images(paths, channels), f"{len(paths)} image(s)"
+    else:
+        images, source = sample_images(), "scikit-image photos (astronaut, coffee, chelsea, rocket)"
     output = export_model(
         model,
         args.output,
@@ -422,8 +443,6 @@ def _export(args: argparse.Namespace) -> int:
         dynamic_size=not args.static_size,
         opset_version=args.opset,
     )
-    config = model.config
-    (p, q), channels = config.patch_hw, config.num_channels
     batch = "1" if args.static_batch else "batch"
     if args.static_size:
         size, tokens = ", ".join(map(str, config.image_hw)), str(1 + config.num_patches)
@@ -436,17 +455,12 @@ def _export(args: argparse.Namespace) -> int:
     )
     print(f"Wrote {output} ({os.path.getsize(output) / 2**20:.1f} MiB, {args.format}, {type(model).__name__})")
     multiples = f"{p}" if p == q else f"{p} and {q}"
-    rule = "" if args.static_size else f"; height and width: multiples of {multiples}, at least two patches"
+    rule = "" if args.static_size else f"; height and width: multiples of {multiples}, at least two patches per side"
     print(f"  input  pixel_values ({batch}, {channels}, {size}){rule}")
     print(f"  output {result}")
     if args.no_check:
         return 0
     processor = load_image_processor(args.model, config)
-    if args.check_images:
-        paths = find_images(args.check_images)
-        images, source = _open_images(paths, channels), f"{len(paths)} image(s)"
-    else:
-        images, source = sample_images(), "scikit-image photos (astronaut, coffee, chelsea, rocket)"
     batches = _check_batches(processor, images, config, args.static_batch, args.static_size)
     checks = check_export(output, model, batches, args.format)
     print(f"Checked against PyTorch (float32) on {source}:")

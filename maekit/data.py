@@ -42,9 +42,11 @@ __all__ = [
     "SeededRandomSampler",
     "build_dataloader",
     "collate_fn",
+    "decode_error_message",
     "decode_image",
     "load_default_dataset",
     "load_image_dataset",
+    "load_saved_splits",
     "random_resized_crop_box",
     "sample_rng",
 ]
@@ -383,6 +385,27 @@ def undecoded(dataset: Any, image_column: str) -> Any:
     return dataset
 
 
+def decode_error_message(err: BaseException) -> str:
+    """`"<error type>: <message>"` of a decoding error, without PIL's repr of the in-memory file it read
+    (`<_io.BytesIO object at 0x...>`): the same file gives the same message, and the caller names the file.
+
+    Example:
+
+    ```python
+    import io
+
+    from PIL import Image
+    from maekit.data import decode_error_message
+
+    try:
+        Image.open(io.BytesIO(b"not an image"))
+    except OSError as err:
+        assert decode_error_message(err) == "UnidentifiedImageError: cannot identify image file"
+    ```
+    """
+    return f"{type(err).__name__}: {re.sub(r' ?<[^<>]* object at 0x[0-9a-f]+>', '', str(err))}"
+
+
 def _raised_in_pil(err: BaseException) -> bool:
     """Whether an exception was raised inside PIL (a decoding problem) rather than in maekit's own code."""
     tb = err.__traceback__
@@ -416,9 +439,7 @@ class _SampleLoader:
         except _DECODE_ERRORS as err:
             if isinstance(err, ValueError) and not _raised_in_pil(err):
                 raise  # a ValueError of the transform itself is a configuration error, not a bad file
-            # Without PIL's repr of the in-memory file (`<_io.BytesIO object at 0x...>`): the same file, the same message.
-            details = re.sub(r" ?<[^<>]* object at 0x[0-9a-f]+>", "", str(err))
-            raise BadImageError(f"{where}: cannot decode {name}: {type(err).__name__}: {details}") from err
+            raise BadImageError(f"{where}: cannot decode {name}: {decode_error_message(err)}") from err
         sample = {"pixel_values": pixel_values}
         if self.label_column is not None:
             sample["labels"] = int(record[self.label_column])
@@ -811,13 +832,11 @@ def _builder_for(files: Sequence[str], where: str) -> str:
 def _load_local_folder(folder: str, split: str, streaming: bool, shards: Callable, load_kwargs: dict) -> dict:
     """A local folder's splits, resolved as `datasets.load_dataset(folder)` resolves them (file names and
     sub-folders say the split, extensions the builder); `save_to_disk` folders and tar shards are read too."""
-    import datasets
     from datasets.data_files import DataFilesDict, EmptyDatasetError, get_data_patterns
 
-    if os.path.isfile(os.path.join(folder, "dataset_dict.json")) or os.path.isfile(os.path.join(folder, "state.json")):
-        loaded = datasets.load_from_disk(folder)
-        loaded = loaded if isinstance(loaded, datasets.DatasetDict) else {split: loaded}
-        return {name: part.to_iterable_dataset() if streaming else part for name, part in loaded.items()}
+    saved = load_saved_splits(folder, split)
+    if saved is not None:
+        return {name: part.to_iterable_dataset() if streaming else part for name, part in saved.items()}
     try:
         files = DataFilesDict.from_patterns(get_data_patterns(folder), base_path=folder)
     except EmptyDatasetError as err:
@@ -827,6 +846,43 @@ def _load_local_folder(folder: str, split: str, streaming: bool, shards: Callabl
     if all(path.endswith(".tar") for paths in files.values() for path in paths):
         return {name: shards(list(paths)) for name, paths in files.items()}
     return _load_dataset(folder, folder, streaming=streaming, **load_kwargs)
+
+
+def load_saved_splits(folder: str | os.PathLike, split: str = "train") -> dict[str, Any] | None:
+    """The splits of a folder written by `datasets`' `save_to_disk`, read where they are (memory-mapped, no copy into
+    the datasets cache), or `None` when `folder` is not such a folder.
+
+    `load_image_dataset` and `maekit extract-features` recognise these folders here, as `datasets.load_from_disk`
+    does: a `DatasetDict` folder (`dataset_dict.json`) gives its splits, a `Dataset` folder (`state.json` and
+    `dataset_info.json`) gives `{split: dataset}`.
+
+    Example:
+
+    ```python
+    import tempfile
+
+    import datasets
+    from maekit.data import load_saved_splits
+
+    with tempfile.TemporaryDirectory() as folder:
+        train, test = datasets.Dataset.from_dict({"label": [0, 1, 1]}), datasets.Dataset.from_dict({"label": [1]})
+        datasets.DatasetDict({"train": train, "test": test}).save_to_disk(folder)
+        splits = load_saved_splits(folder)
+        assert {name: len(part) for name, part in splits.items()} == {"train": 3, "test": 1}
+        assert load_saved_splits(f"{folder}/..") is None  # not a save_to_disk folder
+    ```
+    """
+    import datasets
+
+    def holds(name: str) -> bool:
+        return os.path.isfile(os.path.join(os.fspath(folder), name))
+
+    if holds(datasets.config.DATASETDICT_JSON_FILENAME) or (
+        holds(datasets.config.DATASET_STATE_JSON_FILENAME) and holds(datasets.config.DATASET_INFO_FILENAME)
+    ):
+        loaded = datasets.load_from_disk(os.fspath(folder))
+        return dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {split: loaded}
+    return None
 
 
 def _load_dataset(where: Any, *args: Any, **kwargs: Any) -> Any:

@@ -35,7 +35,7 @@ from torch import nn
 
 from .data import MAEImageDataset, build_dataloader, collate_fn
 from .image_processing_mae import MAEImageProcessor
-from .inputs import IMAGE_SUFFIXES, find_images, read_file_list
+from .inputs import IMAGE_SUFFIXES, find_images, iter_image_files, read_file_list
 
 __all__ = [
     "OUTPUT_SUFFIXES",
@@ -53,6 +53,14 @@ OUTPUT_SUFFIXES = (".safetensors", ".parquet")
 # safetensors refuses headers above 100 MB; file names live in its JSON header.
 _MAX_SAFETENSORS_HEADER = 80_000_000
 _RUN_FILE = "run.json"
+# How a restart names what differs from the run that wrote the chunks (the keys of run.json).
+_RUN_FIELDS = {
+    "data": "DATA",
+    "inputs": "inputs (their names, file sizes and modification times, or the dataset's fingerprint)",
+    "num_inputs": "number of inputs",
+    "chunk_size": "chunk size",
+    "image_processor": "image processor",
+}
 
 
 @dataclass
@@ -87,12 +95,14 @@ def open_image_source(
 ) -> ImageSource:
     """Resolve DATA: an image folder, a `.txt` file list, an image file, a dataset folder or a Hub dataset id.
 
-    - A folder holding image files: every image under it, sorted by path, named relative to the folder. When every
-      image sits exactly one level down (`DATA/<class>/<file>`), the sub-folder names are the labels (sorted).
+    - A folder holding image files: every image under it (links to folders are followed, loops are not), sorted by
+      path, named relative to the folder. When every image sits exactly one level down (`DATA/<class>/<file>`), the
+      sub-folder names are the labels (sorted).
     - A `.txt` file: one image path per line (see `maekit.inputs.read_file_list`); no labels.
-    - A folder written by `datasets.Dataset.save_to_disk`, a folder of parquet/arrow files, or a Hub dataset id:
-      loaded with `datasets` (split `split`); the image and label columns are found as in `maekit.data` (the
-      `Image` / `ClassLabel` features) unless named.
+    - A folder written by `save_to_disk` (a `Dataset` or a `DatasetDict`, read in place, see
+      `maekit.data.load_saved_splits`), a folder of parquet/arrow files, or a Hub dataset id: loaded with `datasets`
+      (split `split`); the image and label columns are found as in `maekit.data` (the `Image` / `ClassLabel` features)
+      unless named.
 
     Example:
 
@@ -122,7 +132,7 @@ def open_image_source(
         raise ValueError(
             f"DATA {data} is a file but neither a .txt file list nor an image ({', '.join(IMAGE_SUFFIXES)})."
         )
-    if path.is_dir() and _holds_images(path):
+    if path.is_dir() and next(iter_image_files(path), None) is not None:
         images = find_images([path], file_lists=False)
         names = [Path(image).relative_to(path).as_posix() for image in images]
         labels = label_names = None
@@ -136,29 +146,21 @@ def open_image_source(
     return _dataset_source(str(data), split, image_column, label_column)
 
 
-def _holds_images(folder: Path) -> bool:
-    for _, _, names in os.walk(folder):
-        if any(name.lower().endswith(IMAGE_SUFFIXES) for name in names):
-            return True
-    return False
-
-
 def _dataset_source(data: str, split: str, image_column: str | None, label_column: str | None) -> ImageSource:
     import datasets
     import pyarrow.compute as pc
 
-    from .data import IMAGE_COLUMN_NAMES, LABEL_COLUMN_NAMES, find_column
+    from .data import IMAGE_COLUMN_NAMES, LABEL_COLUMN_NAMES, find_column, load_saved_splits
 
     path = Path(data)
     try:
-        if (path / "state.json").is_file() and (path / "dataset_info.json").is_file():
-            dataset = datasets.load_from_disk(data)
-            if isinstance(dataset, datasets.DatasetDict):
-                if split not in dataset:
-                    raise ValueError(f"DATA {data} has no split {split!r}; splits: {list(dataset)}.")
-                dataset = dataset[split]
-        else:
+        saved = load_saved_splits(data, split) if path.is_dir() else None
+        if saved is None:
             dataset = datasets.load_dataset(data, split=split)
+        elif split in saved:
+            dataset = saved[split]
+        else:
+            raise ValueError(f"DATA {data} has no split {split!r}; splits: {list(saved)}.")
     except (OSError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as err:
         if path.is_dir():
             raise ValueError(f"DATA {data}: loading this dataset folder failed: {err}") from err
@@ -267,6 +269,44 @@ def _model_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def _inputs_fingerprint(source: ImageSource) -> str:
+    """A digest of the inputs without reading them: their names, the size and modification time of every file read
+    from disk, and a dataset's own fingerprint (`datasets` derives it from the content, so two datasets of in-memory
+    images named `train[0]`, `train[1]`, ... are told apart)."""
+    digest = hashlib.sha256("\n".join(source.names).encode())
+    fingerprint = getattr(source.records, "_fingerprint", None)
+    if fingerprint is not None:
+        digest.update(f"\ndataset {fingerprint}".encode())
+    for path in _files_read_from_disk(source):
+        try:
+            stat = os.stat(path)
+        except OSError:
+            digest.update(b"\n-")  # a missing file: listed as a bad file when it is read
+        else:
+            digest.update(f"\n{stat.st_size} {stat.st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+def _files_read_from_disk(source: ImageSource) -> list:
+    """The paths that decoding will open: every path of a file list, and a dataset's images stored as paths."""
+    records = source.records
+    if isinstance(records, (list, tuple)):
+        return [record for record in records if isinstance(record, (str, os.PathLike))]
+    import datasets
+
+    if not isinstance(records, datasets.Dataset) or source.image_column is None:
+        return []
+    column = records.with_format("arrow")[source.image_column]
+    if not isinstance(records.features[source.image_column], datasets.Image):
+        return [value for value in column.to_pylist() if value is not None]  # a column of file paths
+    import pyarrow.compute as pc
+
+    # An Image record is read from its path when it holds no bytes (as `maekit.data.decode_image` does).
+    without_bytes = pc.fill_null(pc.equal(pc.binary_length(pc.struct_field(column, "bytes")), 0), True)
+    paths = pc.struct_field(column, "path").to_pylist()
+    return [path for path, from_disk in zip(paths, without_bytes.to_pylist()) if from_disk and path]
+
+
 @torch.no_grad()
 def extract_features_to_file(
     model: nn.Module,
@@ -296,7 +336,10 @@ def extract_features_to_file(
             (every token, `(1 + num_patches, hidden)` per input).
         batch_size (`int`): images per forward pass.
         num_workers (`int`): DataLoader worker processes decoding images.
-        chunk_size (`int`): inputs per chunk written to `OUTPUT.parts/` (the work lost when a run is interrupted).
+        chunk_size (`int`): inputs per chunk written to `OUTPUT.parts/` (the work lost when a run is interrupted). A
+            restart reuses the chunks only for the same model, `source.description`, inputs (their names, the size
+            and modification time of each file read from disk, a dataset's fingerprint), pooling, chunk size, dtype
+            and image processor; anything else is refused with a `ValueError` naming what differs.
         device (`str` or `torch.device`, *optional*): default `cuda` when available, else `cpu`.
         dtype (`torch.dtype`): `torch.float32`, or `torch.bfloat16` / `torch.float16` for autocast (the features are
             stored in float32 either way).
@@ -351,12 +394,15 @@ def extract_features_to_file(
     was_training = encoder.training
     encoder.eval().to(device)
     parts = output.with_name(output.name + ".parts")
+    # What a restart must share with the run that wrote the chunks, or their rows would be another extraction's.
     run = {
         "model": _model_fingerprint(encoder),
-        "inputs": hashlib.sha256("\n".join(source.names).encode()).hexdigest(),
+        "data": source.description,
+        "inputs": _inputs_fingerprint(source),
         "num_inputs": len(source),
         "pooling": pooling,
         "chunk_size": chunk_size,
+        "dtype": str(dtype),
         "image_processor": image_processor.to_json_string(),
     }
     _prepare_parts(parts, run)
@@ -465,11 +511,11 @@ def _prepare_parts(parts: Path, run: dict) -> None:
     run_file = parts / _RUN_FILE
     if run_file.is_file():
         previous = json.loads(run_file.read_text())
-        changed = sorted(key for key in run if previous.get(key) != run[key])
+        changed = [_RUN_FIELDS.get(key, key) for key in run if previous.get(key) != run[key]]
         if changed:
             raise ValueError(
-                f"{parts} holds chunks of another extraction (different {', '.join(changed)}); delete that folder to "
-                "start over, or run the same command as before to finish it."
+                f"{parts} holds the chunks of another extraction; what differs: {'; '.join(changed)}. Delete that "
+                "folder to start over, or run the same command as before to finish it."
             )
         return
     parts.mkdir(parents=True, exist_ok=True)

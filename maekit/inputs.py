@@ -7,7 +7,7 @@ so the command line can print it as `maekit <command>: error: ...` instead of a 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from transformers import PretrainedConfig, ViTMAEConfig
@@ -19,6 +19,7 @@ from .modeling_mae import MAEForImageClassification, MAEForPreTraining, MAEModel
 __all__ = [
     "IMAGE_SUFFIXES",
     "find_images",
+    "iter_image_files",
     "load_image_processor",
     "load_model",
     "read_file_list",
@@ -179,7 +180,8 @@ def read_file_list(path: str | os.PathLike) -> list[str]:
 
 
 def find_images(paths: Sequence[str | os.PathLike], file_lists: bool = True) -> list[str]:
-    """Expand image files, folders (searched recursively, sorted) and `.txt` file lists into a list of image paths.
+    """Expand image files, folders (searched recursively, following links to folders: `iter_image_files`; sorted) and
+    `.txt` file lists into a list of image paths.
 
     Args:
         paths: files, folders, or text files listing one image path per line (see `read_file_list`).
@@ -209,12 +211,7 @@ def find_images(paths: Sequence[str | os.PathLike], file_lists: bool = True) -> 
     for entry in paths:
         path = Path(entry).expanduser()
         if path.is_dir():
-            found = sorted(
-                os.path.join(root, name)
-                for root, _, names in os.walk(path)
-                for name in names
-                if name.lower().endswith(IMAGE_SUFFIXES)
-            )
+            found = sorted(iter_image_files(path))
             if not found:
                 raise ValueError(f"{entry} is a folder without image files ({', '.join(IMAGE_SUFFIXES)}).")
             images += found
@@ -223,6 +220,34 @@ def find_images(paths: Sequence[str | os.PathLike], file_lists: bool = True) -> 
         else:
             raise ValueError(f"{entry}: no such file or folder.")
     return images
+
+
+def iter_image_files(folder: str | os.PathLike) -> Iterator[str]:
+    """The image files under `folder` (by suffix, `IMAGE_SUFFIXES`), in no particular order.
+
+    Links to folders are followed, as `find -L` does; a link to a folder it sits in (a loop) is not, so every image is
+    found once per path that leads to it without passing through the same folder twice.
+    """
+    stack = [(os.fspath(folder), frozenset())]
+    while stack:
+        root, ancestors = stack.pop()
+        try:
+            info = os.stat(root)
+            entries = list(os.scandir(root))
+        except OSError:  # unreadable, or a dangling link: skipped, as os.walk does
+            continue
+        key = (info.st_dev, info.st_ino)
+        if key in ancestors:
+            continue
+        for entry in entries:
+            try:
+                is_dir = entry.is_dir()  # a folder, or a link to one
+            except OSError:  # a link in a loop of links
+                is_dir = False
+            if is_dir:
+                stack.append((entry.path, ancestors | {key}))
+            elif entry.name.lower().endswith(IMAGE_SUFFIXES):
+                yield entry.path
 
 
 def _first_line(err: BaseException) -> str:

@@ -92,15 +92,16 @@ def write_shards(
 
     Every sample becomes `<index>.<ext>` (the image's own bytes when the source has them — no re-encoding — else
     PNG) and, with labels, `<index>.cls` (the label as decimal text); `<index>` is the sample's position in the
-    source, zero-padded to 9 digits. A shard is closed before it would exceed `max_shard_size` (a single larger sample
-    gets a shard of its own) or hold `max_samples_per_shard` samples. Member metadata is fixed (mtime 0, uid 0, mode
+    source, zero-padded to 9 digits. A shard is closed before its file would exceed `max_shard_size`, counting the
+    padding of tar files to whole 10 KiB records (a single sample that does not fit gets a shard of its own, the only
+    kind that can be larger), or hold `max_samples_per_shard` samples. Member metadata is fixed (mtime 0, uid 0, mode
     644), so the same source gives byte-identical shards.
 
     Args:
         source: a `datasets.Dataset` / `IterableDataset`, anything `maekit.data.load_image_dataset` reads (a folder of
             images, a Hub id, parquet files, a shard pattern), or a sequence of image paths.
         output_dir: folder for the shards (created; existing shards of the same prefix are refused).
-        max_shard_size (`int` or `str`): target size of a shard in bytes, or a string like `"256MB"` / `"1GiB"`.
+        max_shard_size (`int` or `str`): largest size of a shard file in bytes, or a string like `"256MB"` / `"1GiB"`.
         max_samples_per_shard (`int`, *optional*): also close a shard after this many samples.
         prefix (`str`): file name prefix of the shards.
         image_column, label_column (`str`, *optional*): found automatically otherwise (no labels when there are none).
@@ -147,7 +148,7 @@ def write_shards(
         if is_dict and label_column is not None and record.get(label_column) is not None:
             members.append((f"{index:09d}.cls", str(int(record[label_column])).encode()))
         sample_size = sum(TAR_BLOCK + -(-len(d) // TAR_BLOCK) * TAR_BLOCK for _, d in members)
-        if tar is not None and (size + sample_size > limit or count == max_samples_per_shard):
+        if tar is not None and (_padded(size + sample_size) > limit or count == max_samples_per_shard):
             close()
             tar = None
         if tar is None:
@@ -161,6 +162,11 @@ def write_shards(
         raise ValueError("The source holds no sample: no shard written.")
     close()
     return paths
+
+
+def _padded(size: int) -> int:
+    """The size of a tar file holding `size` bytes of members and end blocks: `tarfile` pads it to whole records."""
+    return -(-size // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
 
 
 def _records(source: Any) -> Iterable[Any]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from maekit import MAEForImageClassification, MAEForPreTraining, MAEImageProcessor, MAEModel
 from maekit.cli import build_parser, main, reference_markdown
@@ -175,6 +175,14 @@ def test_visualize_errors_name_the_problem(capsys, pretrained, photos, tmp_path,
     assert f"cannot read image {tmp_path / 'broken.png'}" in usage_error(
         capsys, "visualize", pretrained, tmp_path / "broken.png"
     )
+    # Not an image at all: PIL's message names an in-memory file object (`<_io.BytesIO object at 0x...>`); the
+    # command's names the file, once, as maekit.data does.
+    (tmp_path / "notes.jpg").write_bytes(b"shopping list")
+    err = usage_error(capsys, "visualize", pretrained, tmp_path / "notes.jpg")
+    expected = (
+        f"error: cannot read image {tmp_path / 'notes.jpg'}: UnidentifiedImageError: cannot identify image file\n"
+    )
+    assert err.endswith(expected)
     (tmp_path / "empty").mkdir()
     assert "is a folder without a config.json" in usage_error(capsys, "visualize", tmp_path / "empty", photos)
     assert "maekit visualize: error:" in usage_error(capsys, "visualize", pretrained, tmp_path / "empty")
@@ -252,7 +260,7 @@ def test_extract_features_restarts_where_an_interrupted_run_stopped(capsys, pret
     parts = output.with_name(output.name + ".parts")
     assert sorted(p.name for p in parts.glob("chunk-*")) == ["chunk-000000.safetensors"] and not output.exists()
     # Another extraction cannot reuse these chunks.
-    assert "different pooling" in usage_error(
+    assert "what differs: pooling." in usage_error(
         capsys, "extract-features", pretrained, photos, "--output", output, "--chunk-size", "2", "--pooling", "mean"
     )
     out = run(capsys, "extract-features", pretrained, photos, "--output", output, "--chunk-size", "2", "--no-progress")
@@ -262,6 +270,107 @@ def test_extract_features_restarts_where_an_interrupted_run_stopped(capsys, pret
     resumed, reference = load_feature_file(output), load_feature_file(fresh)
     assert resumed.file_names == reference.file_names
     torch.testing.assert_close(resumed.features, reference.features, rtol=0, atol=1e-6)
+
+
+def interrupt_after_first_chunk(model, source, output, processor, **kwargs) -> None:
+    def interrupt(chunk):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        extract_features_to_file(
+            model, source, output, processor, chunk_size=2, batch_size=1, progress=False, on_chunk=interrupt, **kwargs
+        )
+    assert [p.name for p in output.with_name(output.name + ".parts").glob("chunk-*")] == ["chunk-000000.safetensors"]
+
+
+def invert_images(folder: Path, names=None) -> None:
+    for path in sorted(folder.iterdir()) if names is None else [folder / name for name in names]:
+        with Image.open(path) as image:
+            inverted = ImageOps.invert(image.convert("RGB") if image.mode != "L" else image)
+        inverted.save(path)
+
+
+def test_extract_features_restart_refuses_other_data_edited_files_and_another_dtype(
+    capsys, pretrained, photos, tmp_path
+):
+    model = MAEModel.from_pretrained(pretrained).eval()
+    processor = load_image_processor(str(pretrained), model.config)
+    output = tmp_path / "features.safetensors"
+    # Another folder with the same file names (a copy, every image inverted): its chunks would be another data set's.
+    shutil.copytree(photos, tmp_path / "inverted")
+    invert_images(tmp_path / "inverted")
+    interrupt_after_first_chunk(model, open_image_source(photos), output, processor)
+    command = ("extract-features", pretrained, "--output", output, "--chunk-size", "2", "--no-progress")
+    assert "what differs: DATA; inputs (their names, file sizes and modification times" in usage_error(
+        capsys, *command, tmp_path / "inverted"
+    )
+    # The same folder, a file of the finished chunk edited since: refused too (file sizes and modification times).
+    shutil.rmtree(output.with_name(output.name + ".parts"))
+    shutil.copytree(photos, tmp_path / "edited")
+    interrupt_after_first_chunk(model, open_image_source(tmp_path / "edited"), output, processor)
+    invert_images(tmp_path / "edited", [sorted(photos.iterdir())[0].name])
+    assert "what differs: inputs (" in usage_error(capsys, *command, tmp_path / "edited")
+    # An interrupted bfloat16 run is not finished in float32, and the other way round; the same dtype resumes it.
+    shutil.rmtree(output.with_name(output.name + ".parts"))
+    interrupt_after_first_chunk(model, open_image_source(photos), output, processor, dtype=torch.bfloat16)
+    assert "what differs: dtype." in usage_error(capsys, *command, photos)
+    out = run(capsys, *command, photos, "--dtype", "bfloat16")
+    assert "2 inputs resumed from an interrupted run" in out
+
+
+def test_extract_features_restart_tells_path_less_datasets_apart(capsys, pretrained, photos, tmp_path):
+    """Two datasets of in-memory images with the same length have the same names (train[0], ...): the dataset's
+    fingerprint tells them apart."""
+    import datasets
+
+    model = MAEModel.from_pretrained(pretrained).eval()
+    processor = load_image_processor(str(pretrained), model.config)
+    images = [np.asarray(Image.open(path).convert("RGB")) for path in sorted(photos.iterdir())[:3]]
+
+    def save(pixels) -> None:
+        shutil.rmtree(tmp_path / "saved", ignore_errors=True)
+        features = datasets.Features({"image": datasets.Image()})
+        records = [Image.fromarray(array) for array in pixels]
+        datasets.Dataset.from_dict({"image": records}, features=features).save_to_disk(tmp_path / "saved")
+
+    save(images)
+    output = tmp_path / "features.parquet"
+    interrupt_after_first_chunk(model, open_image_source(tmp_path / "saved"), output, processor)
+    save([255 - array for array in images])  # the same path, length and names; other images
+    command = ("extract-features", pretrained, tmp_path / "saved", "--output", output, "--chunk-size", "2")
+    assert "what differs: inputs (" in usage_error(capsys, *command, "--no-progress")
+    save(images)  # the first dataset again: its chunks are its own
+    assert "2 inputs resumed" in run(capsys, *command, "--no-progress")
+    assert load_feature_file(output).file_names == ["train[0]", "train[1]", "train[2]"]
+
+
+def test_symlinked_folders_are_followed_and_loops_are_not(photos, tmp_path):
+    from maekit.inputs import find_images
+
+    # data/cat: a folder; data/dog: a link to a folder elsewhere (its images and its class must not vanish).
+    (tmp_path / "data" / "cat").mkdir(parents=True)
+    shutil.copy(photos / "chelsea.png", tmp_path / "data" / "cat")
+    (tmp_path / "elsewhere").mkdir()
+    for name in ("astronaut.png", "camera.png"):
+        shutil.copy(photos / name, tmp_path / "elsewhere")
+    (tmp_path / "data" / "dog").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    expected = ["cat/chelsea.png", "dog/astronaut.png", "dog/camera.png"]
+
+    def check() -> None:
+        source = open_image_source(tmp_path / "data")
+        assert source.names == expected
+        assert source.label_names == ["cat", "dog"] and source.labels == [0, 1, 1]
+        assert find_images([tmp_path / "data"]) == [str(tmp_path / "data" / name) for name in expected]
+
+    check()
+    # A folder of links only, with images only behind them, holds images.
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "dog").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    assert open_image_source(tmp_path / "links").names == ["dog/astronaut.png", "dog/camera.png"]
+    # Links back to a folder they sit in (a loop) are not followed: the same images, once, and no endless walk.
+    (tmp_path / "elsewhere" / "up").symlink_to(tmp_path / "data", target_is_directory=True)
+    (tmp_path / "data" / "cat" / "itself").symlink_to(tmp_path / "data" / "cat", target_is_directory=True)
+    check()
 
 
 def test_extract_features_from_a_file_list_and_from_datasets(capsys, pretrained, photos, tmp_path):
@@ -310,6 +419,29 @@ def test_extract_features_from_a_file_list_and_from_datasets(capsys, pretrained,
         capsys, "extract-features", pretrained, tmp_path / "hub", "--output", tmp_path / "hub.parquet", "--no-progress"
     )
     assert load_feature_file(tmp_path / "hub.parquet").file_names == paths
+
+
+def test_extract_features_reads_a_saved_dataset_dict_in_place(capsys, pretrained, photos, tmp_path):
+    """A `DatasetDict.save_to_disk` folder is read where it is (memory-mapped), not copied into the datasets cache."""
+    import datasets
+
+    paths = sorted(photos.iterdir())
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+
+    def split(files):
+        return datasets.Dataset.from_dict({"image": [str(p) for p in files], "label": [0, 1][: len(files)]}, features)
+
+    datasets.DatasetDict({"train": split(paths[:2]), "test": split(paths[2:3])}).save_to_disk(tmp_path / "saved")
+    source = open_image_source(tmp_path / "saved", split="train")
+    assert len(source) == 2 and source.description == f"dataset {tmp_path / 'saved'} (train)"
+    assert [Path(file["filename"]).parent.parent for file in source.records.cache_files] == [tmp_path / "saved"]
+    with pytest.raises(ValueError, match=r"has no split 'validation'; splits: \['train', 'test'\]"):
+        open_image_source(tmp_path / "saved", split="validation")
+    output = tmp_path / "test.safetensors"
+    out = run(capsys, "extract-features", pretrained, tmp_path / "saved", "--split", "test", "--output", output,
+              "--no-progress")  # fmt: skip
+    assert "1 of 1 inputs" in out
+    assert load_feature_file(output).file_names == [paths[2].name]  # save_to_disk stored the image bytes
 
 
 def test_extract_features_errors(capsys, pretrained, photos, tmp_path):
@@ -388,13 +520,31 @@ def test_export_classifier_static_batch_and_size(capsys, photos, tmp_path, tiny_
     torch.testing.assert_close(torch.from_numpy(actual), expected, rtol=0, atol=1e-4)
 
 
-def test_export_errors(capsys, pretrained, tmp_path):
+def test_export_errors(capsys, pretrained, tmp_path, tiny_config):
     assert "without a classification head" in usage_error(
         capsys, "export", pretrained, "--classifier", "--format", "torch-export", "--output", tmp_path / "c.pt2"
     )
     assert "writes a .pt2 file" in usage_error(
         capsys, "export", pretrained, "--format", "torch-export", "--output", tmp_path / "c.onnx"
     )
+    # A bad check image is named before anything is exported, without PIL's `<_io.BytesIO object at 0x...>`.
+    (tmp_path / "notes.png").write_bytes(b"shopping list")
+    err = usage_error(
+        capsys, "export", pretrained, "--format", "torch-export", "--output", tmp_path / "e.pt2",
+        "--check-images", tmp_path / "notes.png",
+    )  # fmt: skip
+    expected = (
+        f"error: cannot read image {tmp_path / 'notes.png'}: UnidentifiedImageError: cannot identify image file\n"
+    )
+    assert err.endswith(expected) and not (tmp_path / "e.pt2").exists()
+    # A dynamic image size needs two patches per side: a model trained on fewer is exported at its own size only.
+    small = save_model(MAEModel(tiny_config(image_size=(8, 16), mask_ratio=0.5)), tmp_path / "small")
+    for fmt, output in (("torch-export", tmp_path / "small.pt2"), ("onnx", tmp_path / "small.onnx")):
+        err = usage_error(capsys, "export", small, "--format", fmt, "--output", output)
+        assert "maekit export: error: a dynamic image size needs at least two patches per side" in err
+        assert "image_size 8x16 is 1x2 patches of 8x8; pass --static-size" in err and "Traceback" not in err
+    out = run(capsys, "export", small, "--format", "torch-export", "--output", tmp_path / "small.pt2", "--static-size")
+    assert "input  pixel_values (batch, 3, 8, 16)\n" in out and len(diffs(out)) == 2
 
 
 def test_export_without_onnx_says_what_to_install(capsys, pretrained, tmp_path, monkeypatch):
@@ -507,6 +657,26 @@ def test_write_shards_end_to_end(capsys, labeled_folder, tmp_path):
     run(capsys, "write-shards", labeled_folder, tmp_path / "again", "--max-samples-per-shard", "2")
     for shard in sorted((tmp_path / "shards").iterdir()):
         assert shard.read_bytes() == (tmp_path / "again" / shard.name).read_bytes()
+
+
+def test_write_shards_stay_within_max_shard_size(capsys, tmp_path):
+    from maekit.shards import ShardReader, expand_shard_urls
+
+    # 40 noise PNGs of about 7 kB (noise does not compress): several 100 kB shards, each filled close to the target.
+    rng = np.random.default_rng(0)
+    (tmp_path / "noise").mkdir()
+    for index in range(40):
+        Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(
+            tmp_path / "noise" / f"{index:02d}.png"
+        )
+    out = run(capsys, "write-shards", tmp_path / "noise", tmp_path / "shards", "--max-shard-size", "100kB")
+    shards = sorted((tmp_path / "shards").iterdir())
+    sizes = [shard.stat().st_size for shard in shards]
+    assert len(shards) > 2 and out.startswith(f"Wrote {len(shards)} shard(s)")
+    assert max(sizes) <= 100_000  # tar pads an archive to 10 KiB records: the padding is part of the budget
+    assert min(sizes[:-1]) > 100_000 - 2 * 10_240  # and shards are not closed much earlier than needed
+    pattern = out.strip().rsplit(": ", 1)[1]
+    assert len(list(ShardReader(expand_shard_urls(pattern), shuffle_buffer=0, shuffle_shards=False))) == 40
 
 
 def test_write_shards_errors(capsys, labeled_folder, tmp_path):

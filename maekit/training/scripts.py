@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import textwrap
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +31,7 @@ __all__ = [
     "build_pretraining_model",
     "class_names",
     "classification_transforms",
+    "demo_epilog",
     "finetune_recipe",
     "is_demo",
     "is_stream",
@@ -134,12 +137,14 @@ def parse_script_arguments(
     base_defaults: dict[str, Any] | None = None,
     recipe_for_model: Any = None,
     description: str | None = None,
+    epilog: str | None = None,
 ) -> tuple:
     """Parse a script's arguments (the command line, or a single JSON / YAML file), with defaults in layers:
     the dataclasses' own, then `base_defaults`, then the official recipe of the model's size (`recipe_for_model(model
     arguments) -> dict`), then `demo_defaults` when no data set is given; whatever `argv` says wins over all.
-    `description` (e.g. the script's docstring) heads `--help`."""
-    parser = HfArgumentParser(dataclass_types, description=description, formatter_class=_HelpFormatter)
+    `description` (e.g. the script's docstring) heads `--help` and `epilog` (e.g. `demo_epilog(demo_defaults)`) ends
+    it, both as written."""
+    parser = HfArgumentParser(dataclass_types, description=description, epilog=epilog, formatter_class=_HelpFormatter)
     if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
         with open(argv[0]) as f:
             given = json.load(f) if argv[0].endswith(".json") else yaml.safe_load(f)
@@ -152,6 +157,29 @@ def parse_script_arguments(
     parsed = parser.parse_args_into_dataclasses(argv)
     parser.set_defaults(**_layered_defaults(parsed, demo_defaults, base_defaults, recipe_for_model))
     return parser.parse_args_into_dataclasses(argv)
+
+
+def demo_epilog(demo_defaults: dict[str, Any]) -> str:
+    """A `--help` epilog saying which defaults the offline demo replaces (`--help` shows the others), wrapped to the
+    terminal as argparse wraps its help, never between an option and its value.
+
+    Example:
+
+    ```python
+    from maekit.training.scripts import demo_epilog
+
+    text = demo_epilog({"max_steps": 600, "scale": [128, 128]})
+    assert " ".join(text.split()).endswith("are replaced: --max_steps 600, --scale 128 128.")
+    ```
+    """
+    options = [
+        f"--{name} {' '.join(map(str, value)) if isinstance(value, (list, tuple)) else value}"
+        for name, value in demo_defaults.items()
+    ]
+    text = "Without --dataset_name or --data_dir (the offline demo), these defaults are replaced: "
+    text += ", ".join(option.replace(" ", "\0") for option in options) + "."  # textwrap never breaks at a NUL
+    width = max(shutil.get_terminal_size().columns - 2, 40)  # argparse's width
+    return textwrap.fill(text, width, break_on_hyphens=False).replace("\0", " ")
 
 
 def _layered_defaults(parsed: tuple, demo_defaults, base_defaults, recipe_for_model) -> dict[str, Any]:
