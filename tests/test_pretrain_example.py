@@ -65,15 +65,32 @@ def test_model_arguments(pretrain, tmp_path):
         pretrain.build_model(pretrain.ModelArguments(model_name_or_path=str(tmp_path), patch_size=8))
 
 
+def test_design_space_arguments(pretrain, tmp_path):
+    argv = ["--mask_strategy", "grid", "--target", "hog", "--encoder_mask_token", "true", "--output_dir", "x"]
+    model_args, _, args = pretrain.parse_arguments(argv)
+    assert args.mask_strategy == "grid"  # a training argument: the trainer writes it into the saved config
+    config = pretrain.build_model(model_args).config
+    assert (config.target, config.encoder_mask_token, config.norm_pix_loss) == ("hog", True, False)
+    with pytest.raises(ValueError, match="contradicts|means target='norm_pixel'"):
+        pretrain.build_model(pretrain.ModelArguments(target="hog", norm_pix_loss=True))
+    # From a checkpoint: a target of the same size may change, one that changes the decoder's layers may not.
+    pretrain.build_model(pretrain.ModelArguments()).save_pretrained(tmp_path)
+    again = pretrain.build_model(pretrain.ModelArguments(model_name_or_path=str(tmp_path), target="norm_pixel"))
+    assert again.config.norm_pix_loss
+    for change in (dict(target="hog"), dict(encoder_mask_token=True)):
+        with pytest.raises(ValueError, match="changes the layers of"):
+            pretrain.build_model(pretrain.ModelArguments(model_name_or_path=str(tmp_path), **change))
+
+
 def test_pretrain_script_end_to_end(tmp_path):
     out = tmp_path / "run"
     command = [sys.executable, str(SCRIPT), "--output_dir", str(out), "--max_steps", "3", "--per_device_train_batch_size",
                "16", "--max_train_samples", "64", "--max_eval_samples", "16", "--report_to", "none",
-               "--disable_tqdm", "true", "--save_steps", "2"]  # fmt: skip
+               "--disable_tqdm", "true", "--save_steps", "2", "--mask_strategy", "block"]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     model = MAEForPreTraining.from_pretrained(out)
-    assert model.config.patch_size == 4
+    assert model.config.patch_size == 4 and model.config.mask_strategy == "block"
     processor = MAEImageProcessor.from_pretrained(out)
     assert processor.crop_size == {"height": 32, "width": 32}
     assert (out / "reconstruction.png").is_file() and (out / "README.md").is_file()

@@ -14,7 +14,7 @@ import torch
 import yaml
 from transformers import HfArgumentParser
 
-from ..configuration_mae import PRESETS, MAEConfig
+from ..configuration_mae import PRESETS, TARGETS, MAEConfig
 from ..data import MAEEvalTransform, MAETrainTransform, load_default_dataset, load_image_dataset
 from .recipes import DEMO_MODEL, FINETUNE_RECIPES, finetune_recipe_for
 
@@ -49,6 +49,17 @@ class PretrainModelArguments:
     )
     mask_ratio: float | None = field(default=None, metadata={"help": "Fraction of patches removed (0.75)."})
     norm_pix_loss: bool | None = field(default=None, metadata={"help": "Regress per-patch normalized pixels."})
+    target: str | None = field(
+        default=None,
+        metadata={"help": f"What the decoder regresses: one of {TARGETS} ('norm_pixel' is --norm_pix_loss true)."},
+    )
+    encoder_mask_token: bool | None = field(
+        default=None,
+        metadata={
+            "help": "The encoder sees every patch, removed ones replaced by a learned token (SimMIM; the paper's "
+            "Table 1(c)): slower, for ablations. The masking strategy is --mask_strategy (a training argument)."
+        },
+    )
     image_size: int | None = field(default=None, metadata={"help": "Training resolution (new models only)."})
     patch_size: int | None = field(default=None, metadata={"help": "Patch size (new models only)."})
 
@@ -231,8 +242,15 @@ def build_pretraining_model(args: PretrainModelArguments):
     """A `MAEForPreTraining`: from a checkpoint, of a preset size, or the demo's tiny model."""
     from ..modeling_mae import MAEForPreTraining
 
-    loss_overrides = {
-        k: v for k, v in (("mask_ratio", args.mask_ratio), ("norm_pix_loss", args.norm_pix_loss)) if v is not None
+    model_overrides = {
+        k: v
+        for k, v in (
+            ("mask_ratio", args.mask_ratio),
+            ("norm_pix_loss", args.norm_pix_loss),
+            ("target", args.target),
+            ("encoder_mask_token", args.encoder_mask_token),
+        )
+        if v is not None
     }
     shape_overrides = {
         k: v for k, v in (("image_size", args.image_size), ("patch_size", args.patch_size)) if v is not None
@@ -242,12 +260,33 @@ def build_pretraining_model(args: PretrainModelArguments):
             raise ValueError(
                 "--model_name_or_path takes its size from the checkpoint; drop --preset/--image_size/--patch_size."
             )
-        return MAEForPreTraining.from_pretrained(args.model_name_or_path, **loss_overrides)
+        if args.target is not None or args.encoder_mask_token is not None:
+            _check_same_layers(args.model_name_or_path, model_overrides)
+        return MAEForPreTraining.from_pretrained(args.model_name_or_path, **model_overrides)
     if args.preset is not None:
-        config = MAEConfig.from_preset(args.preset, **shape_overrides, **loss_overrides)
+        config = MAEConfig.from_preset(args.preset, **shape_overrides, **model_overrides)
     else:
-        config = MAEConfig(**{**DEMO_MODEL, **shape_overrides, **loss_overrides})
+        config = MAEConfig(**{**DEMO_MODEL, **shape_overrides, **model_overrides})
     return MAEForPreTraining(config)
+
+
+def _check_same_layers(model_name_or_path: str, overrides: dict[str, Any]) -> None:
+    """Refuse overrides that would change a checkpoint's layers (the HOG target's output size, a mask token moved
+    between decoder and encoder): loading would silently drop trained weights and start new ones at random."""
+    from ..targets import target_dim
+
+    saved = MAEConfig.from_pretrained(model_name_or_path)
+    wanted = MAEConfig.from_pretrained(model_name_or_path, **overrides)
+    for name, old, new in (
+        ("--target", target_dim(saved), target_dim(wanted)),
+        ("--encoder_mask_token", saved.encoder_mask_token, wanted.encoder_mask_token),
+    ):
+        if old != new:
+            raise ValueError(
+                f"{name} changes the layers of {model_name_or_path} (target {saved.target!r}, encoder_mask_token "
+                f"{saved.encoder_mask_token}): its decoder or mask token would start again at random. Start a new "
+                "model (--preset, or no model argument for the demo's) to train with these settings."
+            )
 
 
 def build_classifier(args: ClassifierModelArguments, labels: list[str]):
