@@ -82,6 +82,22 @@ def test_design_space_arguments(pretrain, tmp_path):
             pretrain.build_model(pretrain.ModelArguments(model_name_or_path=str(tmp_path), **change))
 
 
+def test_config_overrides_build_a_new_model_of_another_size(pretrain):
+    (model_args, _, _) = pretrain.parse_arguments(["--config_overrides", "hidden_size=128,num_hidden_layers=6"])
+    config = pretrain.build_model(model_args).config
+    assert (config.hidden_size, config.num_hidden_layers, config.patch_size) == (128, 6, 4)  # on the demo's config
+    on_preset = pretrain.build_model(pretrain.ModelArguments(preset="vit-tiny-patch16", config_overrides="qkv_bias=false"))
+    assert on_preset.config.hidden_size == 192 and on_preset.config.qkv_bias is False
+    for overrides, match in (
+        (dict(config_overrides="hidden_size"), "'field=value' pairs"),
+        (dict(config_overrides="depth=3"), "depth isn't in the original config"),
+        (dict(config_overrides="mask_ratio=0.5", mask_ratio=0.6), "have their own arguments"),
+        (dict(config_overrides="hidden_size=32", model_name_or_path="x"), "takes its size from the checkpoint"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            pretrain.build_model(pretrain.ModelArguments(**overrides))
+
+
 def test_pretrain_script_end_to_end(tmp_path):
     out = tmp_path / "run"
     command = [sys.executable, str(SCRIPT), "--output_dir", str(out), "--max_steps", "3", "--per_device_train_batch_size",

@@ -31,6 +31,7 @@ __all__ = [
     "finetune_recipe",
     "is_demo",
     "load_datasets",
+    "parse_config_overrides",
     "parse_script_arguments",
     "pretraining_transforms",
     "run_classification",
@@ -62,6 +63,13 @@ class PretrainModelArguments:
     )
     image_size: int | None = field(default=None, metadata={"help": "Training resolution (new models only)."})
     patch_size: int | None = field(default=None, metadata={"help": "Patch size (new models only)."})
+    config_overrides: str | None = field(
+        default=None,
+        metadata={
+            "help": "Other MAEConfig fields of a new model, comma-separated: 'hidden_size=128,num_hidden_layers=6' "
+            "(on the preset's or the demo's config; as transformers' run_mae.py)."
+        },
+    )
 
 
 @dataclass
@@ -255,10 +263,16 @@ def build_pretraining_model(args: PretrainModelArguments):
     shape_overrides = {
         k: v for k, v in (("image_size", args.image_size), ("patch_size", args.patch_size)) if v is not None
     }
+    if args.config_overrides:
+        fields = parse_config_overrides(args.config_overrides)
+        if both := sorted(fields.keys() & (model_overrides.keys() | shape_overrides.keys())):
+            raise ValueError(f"--config_overrides sets {', '.join(both)}, which have their own arguments: set them once.")
+        shape_overrides.update(fields)
     if args.model_name_or_path is not None:
         if args.preset is not None or shape_overrides:
             raise ValueError(
-                "--model_name_or_path takes its size from the checkpoint; drop --preset/--image_size/--patch_size."
+                "--model_name_or_path takes its size from the checkpoint; drop "
+                "--preset/--image_size/--patch_size/--config_overrides."
             )
         if args.target is not None or args.encoder_mask_token is not None:
             _check_same_layers(args.model_name_or_path, model_overrides)
@@ -268,6 +282,20 @@ def build_pretraining_model(args: PretrainModelArguments):
     else:
         config = MAEConfig(**{**DEMO_MODEL, **shape_overrides, **model_overrides})
     return MAEForPreTraining(config)
+
+
+def parse_config_overrides(text: str) -> dict[str, Any]:
+    """`"hidden_size=128,norm_pix_loss=true"` -> `{"hidden_size": 128, "norm_pix_loss": True}`, each value of the type
+    of that `MAEConfig` field (`PretrainedConfig.update_from_string`'s parsing)."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items or any("=" not in item for item in items):
+        raise ValueError(f"--config_overrides must be 'field=value' pairs separated by commas, got {text!r}.")
+    probe = MAEConfig(**DEMO_MODEL)
+    try:
+        probe.update_from_string(",".join(items))
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"--config_overrides {text!r}: {err}") from None
+    return {item.split("=", 1)[0]: getattr(probe, item.split("=", 1)[0]) for item in items}
 
 
 def _check_same_layers(model_name_or_path: str, overrides: dict[str, Any]) -> None:
