@@ -69,6 +69,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="'demo': the examples' demo recipes; 'digits': recipes.PRETRAIN_DIGITS / FINETUNE_DIGITS")  # fmt: skip
     parser.add_argument("--pretrain-steps", type=int, default=None, help="shorten pretraining (--max_steps)")
     parser.add_argument("--finetune-steps", type=int, default=None, help="shorten fine-tuning (--max_steps)")
+    parser.add_argument("--skip-linear-probe", action="store_true", help="leave the two linear probes out")
     parser.add_argument("--output", default=None, help="write the results as JSON here")
     return parser.parse_args(argv)
 
@@ -160,22 +161,24 @@ def run(args: argparse.Namespace) -> dict:
     for name, encoder in (("pretrained MAE", pretrained), ("random init", random_init)):
         tag = "pretrained" if encoder == pretrained else "random"
         row = {f"kNN ({pool})": knn_top1(encoder, pool, image_size, args.seed) for pool in ("cls", "mean")}
-        probe = call(
-            f"linear_probe_{tag}",
-            linear_probe,
-            ["--model_name_or_path", str(encoder), "--output_dir", str(work / f"probe-{tag}"),
-             *length(args.probe_epochs, None), *common],
-        )  # fmt: skip
+        if not args.skip_linear_probe:
+            probe = call(
+                f"linear_probe_{tag}",
+                linear_probe,
+                ["--model_name_or_path", str(encoder), "--output_dir", str(work / f"probe-{tag}"),
+                 *length(args.probe_epochs, None), *common],
+            )  # fmt: skip
+            row["linear probe"] = probe["eval_acc1"]
         tuned = call(
             f"finetune_{tag}",
             finetune,
             ["--model_name_or_path", str(encoder), "--output_dir", str(work / f"finetune-{tag}"), *finetune_argv,
              *length(args.finetune_epochs, args.finetune_steps), *common],
         )  # fmt: skip
-        row.update({"linear probe": probe["eval_acc1"], "fine-tuning": tuned["eval_acc1"]})
-        row.update(
-            {"linear probe (best epoch)": probe["best_eval_acc1"], "fine-tuning (best epoch)": tuned["best_eval_acc1"]}
-        )
+        row["fine-tuning"] = tuned["eval_acc1"]
+        if not args.skip_linear_probe:
+            row["linear probe (best epoch)"] = probe["best_eval_acc1"]
+        row["fine-tuning (best epoch)"] = tuned["best_eval_acc1"]
         results[name] = row
 
     train, evaluation = load_default_dataset(image_size=image_size, source="digits", seed=args.seed)

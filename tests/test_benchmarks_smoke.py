@@ -137,3 +137,22 @@ def test_ablations_benchmark_runs_every_stage_and_draws_the_figures(tmp_path, ca
     # --resume reuses every run: nothing is trained again.
     again = ablations.main([*argv, "--resume"])
     assert again["runs"] == result["runs"]
+
+
+def test_digits_recipes_become_example_arguments():
+    import digits_results
+
+    from maekit.training.recipes import FINETUNE_DIGITS, PRETRAIN_DIGITS
+
+    assert digits_results.as_argv({"max_steps": 100, "rand_augment": False, "learning_rate": 0.004}) == [
+        "--max_steps", "100", "--rand_augment", "false", "--learning_rate", "0.004",
+    ]  # fmt: skip
+    assert digits_results.RECIPES["digits"] == (PRETRAIN_DIGITS, FINETUNE_DIGITS)
+    # Every key of the named recipes is an argument of its example script.
+    pretrain, finetune = digits_results.load_example("pretrain"), digits_results.load_example("finetune")
+    model_args, _, args = pretrain.parse_arguments(digits_results.as_argv(PRETRAIN_DIGITS))
+    assert (
+        pretrain.build_model(model_args).config.hidden_size == 128 and args.max_steps == PRETRAIN_DIGITS["max_steps"]
+    )
+    _, data_args, args = finetune.parse_arguments(digits_results.as_argv(FINETUNE_DIGITS))
+    assert data_args.rand_augment is False and args.max_steps == FINETUNE_DIGITS["max_steps"]

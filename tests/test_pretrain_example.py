@@ -86,7 +86,9 @@ def test_config_overrides_build_a_new_model_of_another_size(pretrain):
     (model_args, _, _) = pretrain.parse_arguments(["--config_overrides", "hidden_size=128,num_hidden_layers=6"])
     config = pretrain.build_model(model_args).config
     assert (config.hidden_size, config.num_hidden_layers, config.patch_size) == (128, 6, 4)  # on the demo's config
-    on_preset = pretrain.build_model(pretrain.ModelArguments(preset="vit-tiny-patch16", config_overrides="qkv_bias=false"))
+    on_preset = pretrain.build_model(
+        pretrain.ModelArguments(preset="vit-tiny-patch16", config_overrides="qkv_bias=false")
+    )
     assert on_preset.config.hidden_size == 192 and on_preset.config.qkv_bias is False
     for overrides, match in (
         (dict(config_overrides="hidden_size"), "'field=value' pairs"),

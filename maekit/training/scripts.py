@@ -266,7 +266,9 @@ def build_pretraining_model(args: PretrainModelArguments):
     if args.config_overrides:
         fields = parse_config_overrides(args.config_overrides)
         if both := sorted(fields.keys() & (model_overrides.keys() | shape_overrides.keys())):
-            raise ValueError(f"--config_overrides sets {', '.join(both)}, which have their own arguments: set them once.")
+            raise ValueError(
+                f"--config_overrides sets {', '.join(both)}, which have their own arguments: set them once."
+            )
         shape_overrides.update(fields)
     if args.model_name_or_path is not None:
         if args.preset is not None or shape_overrides:
