@@ -2,13 +2,15 @@
 
     python examples/pretrain.py                                   # a tiny MAE on the embedded digits, a few minutes
     python examples/pretrain.py --dataset_name path/to/images --preset vit-base-patch16 --norm_pix_loss true
+    python examples/pretrain.py --mask_strategy block --target hog   # the paper's design space (docs/results.md)
     accelerate launch examples/pretrain.py --dataset_name imagenet-1k --preset vit-large-patch16 ...
     python examples/pretrain.py --dataset_name some/hub-dataset --streaming true --max_steps 100000 --warmup_steps 5000
     python examples/pretrain.py --dataset_name 'shards/train-{0000..0099}.tar' --max_steps 100000 --warmup_steps 5000
     python examples/pretrain.py my_run.yaml                       # every argument from a JSON / YAML file
 
-Arguments: `maekit.training.scripts.PretrainModelArguments` and `PretrainDataArguments`, and every
-`maekit.MAETrainingArguments` field (see `--help`). Without `--dataset_name`/`--data_dir` the run is the demo:
+Arguments: `maekit.training.scripts.PretrainModelArguments` (model size, `--mask_ratio`, `--target`,
+`--encoder_mask_token`, ...) and `PretrainDataArguments`, and every `maekit.MAETrainingArguments` field (`--help`),
+among them `--mask_strategy` (random / block / grid, saved in the model's config). Without `--dataset_name`/`--data_dir` the run is the demo:
 scikit-learn's handwritten digits (shipped with the package, offline), a tiny model and a short recipe
 (`maekit.training.recipes.PRETRAIN_DEMO`); arguments you pass still win.
 """

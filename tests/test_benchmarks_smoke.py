@@ -141,3 +141,53 @@ def test_pretraining_variants_benchmark_times_every_variant(tmp_path):
     assert rows["encoder mask token"]["GFLOP/step"] > rows["mae"]["GFLOP/step"]
     assert rows["block masks"]["GFLOP/step"] == rows["mae"]["GFLOP/step"]  # same computation, other masks
     assert result["settings"]["command"].startswith("python benchmarks/pretraining_variants.py")
+
+
+def test_ablations_benchmark_runs_every_stage_and_draws_the_figures(tmp_path, capsys, monkeypatch):
+    # The mechanics of benchmarks/ablations.py on two points, two seeds and 2 steps per stage (not the results).
+    # The raw-pixel baselines (5-fold CV, ~20 s) are tested with digits_results.py; here they are given.
+    import ablations
+
+    monkeypatch.setattr(ablations, "pixel_baselines", lambda *a: {"accuracy": {ablations.PIXEL_LOGISTIC: 97.0}})
+    out, figures = tmp_path / "ablations.json", tmp_path / "figures"
+    argv = ["--ablations", "mask_token", "--seeds", "0", "1", "--pretrain-steps", "2", "--finetune-steps", "2",
+            "--probe-epochs", "1", "--output", str(out), "--figures", str(figures), "--work-dir", str(tmp_path)]  # fmt: skip
+    result = ablations.main(argv)
+    saved = json.loads(out.read_text())
+    assert len(saved["runs"]) == 6  # random init x 2 seeds, then 2 settings x 2 seeds
+    (ablation,) = saved["ablations"]
+    assert [p["label"] for p in ablation["points"]] == ["encoder w/o [M]", "encoder w/ [M]"]
+    for point in ablation["points"]:
+        assert point["seeds"] == 2 and point["paper"]["linear_probe"] is not None
+        for metric in ("finetune", "linear_probe", "knn"):
+            values = point[metric]["values"]
+            assert len(values) == 2 and all(0 <= v <= 100 for v in values)
+            assert point[metric]["min"] <= point[metric]["mean"] <= point[metric]["max"]
+        assert point["pretrain_time_cpu_s"]["mean"] > 0
+    with_token = [r for r in saved["runs"] if r["settings"]["encoder_mask_token"] and r["pretrained"]]
+    assert len(with_token) == 2 and set(saved["random_init"]) == {"finetune", "linear_probe", "knn"}
+    assert [p.name for p in figures.iterdir()] == ["ablation_mask_token.png"]
+    assert "| **encoder w/o [M]** |" in capsys.readouterr().out
+    assert not list(tmp_path.glob("maekit-ablation-*"))  # every run's models are removed
+    # --resume reuses every run: nothing is trained again.
+    again = ablations.main([*argv, "--resume"])
+    assert again["runs"] == result["runs"]
+
+
+def test_digits_recipes_become_example_arguments():
+    import digits_results
+
+    from maekit.training.recipes import FINETUNE_DIGITS, PRETRAIN_DIGITS
+
+    assert digits_results.as_argv({"max_steps": 100, "rand_augment": False, "learning_rate": 0.004}) == [
+        "--max_steps", "100", "--rand_augment", "false", "--learning_rate", "0.004",
+    ]  # fmt: skip
+    assert digits_results.RECIPES["digits"] == (PRETRAIN_DIGITS, FINETUNE_DIGITS)
+    # Every key of the named recipes is an argument of its example script.
+    pretrain, finetune = digits_results.load_example("pretrain"), digits_results.load_example("finetune")
+    model_args, _, args = pretrain.parse_arguments(digits_results.as_argv(PRETRAIN_DIGITS))
+    assert (
+        pretrain.build_model(model_args).config.hidden_size == 128 and args.max_steps == PRETRAIN_DIGITS["max_steps"]
+    )
+    _, data_args, args = finetune.parse_arguments(digits_results.as_argv(FINETUNE_DIGITS))
+    assert data_args.rand_augment is False and args.max_steps == FINETUNE_DIGITS["max_steps"]

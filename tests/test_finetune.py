@@ -353,6 +353,15 @@ def test_digits_results_benchmark_runs_the_whole_pipeline(tmp_path, capsys):
     assert set(result["commands"]) == {"pretrain", "linear_probe_pretrained", "finetune_pretrained",
                                        "linear_probe_random", "finetune_random"}  # fmt: skip
     assert (tmp_path / "work" / "finetune-random" / "best" / "config.json").is_file()
+    # Raw-pixel baselines measured in the same run, and the verdict against the best of them.
+    pixels = {row["raw-pixel baseline (top-1 %, 270 held-out digits)"]: row["top-1"] for row in result["pixel_rows"]}
+    assert set(pixels) == {digits_results.PIXEL_KNN_COSINE, digits_results.PIXEL_KNN, digits_results.PIXEL_LOGISTIC}
+    assert all(90 < value <= 100 for value in pixels.values())  # the digits are easy for raw pixels
+    summary = result["summary"]
+    assert summary["best raw-pixel baseline"] == max(pixels.values()) and summary["recipe"] == "demo"
+    assert summary["beats the best raw-pixel baseline"] == (
+        summary["fine-tuned pretrained MAE"] > max(pixels.values())
+    )
     assert "kNN (cls)" in capsys.readouterr().out
 
 

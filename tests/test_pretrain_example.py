@@ -65,15 +65,50 @@ def test_model_arguments(pretrain, tmp_path):
         pretrain.build_model(pretrain.ModelArguments(model_name_or_path=str(tmp_path), patch_size=8))
 
 
+def test_design_space_arguments(pretrain, tmp_path):
+    argv = ["--mask_strategy", "grid", "--target", "hog", "--encoder_mask_token", "true", "--output_dir", "x"]
+    model_args, _, args = pretrain.parse_arguments(argv)
+    assert args.mask_strategy == "grid"  # a training argument: the trainer writes it into the saved config
+    config = pretrain.build_model(model_args).config
+    assert (config.target, config.encoder_mask_token, config.norm_pix_loss) == ("hog", True, False)
+    with pytest.raises(ValueError, match="contradicts|means target='norm_pixel'"):
+        pretrain.build_model(pretrain.ModelArguments(target="hog", norm_pix_loss=True))
+    # From a checkpoint: a target of the same size may change, one that changes the decoder's layers may not.
+    pretrain.build_model(pretrain.ModelArguments()).save_pretrained(tmp_path)
+    again = pretrain.build_model(pretrain.ModelArguments(model_name_or_path=str(tmp_path), target="norm_pixel"))
+    assert again.config.norm_pix_loss
+    for change in (dict(target="hog"), dict(encoder_mask_token=True)):
+        with pytest.raises(ValueError, match="changes the layers of"):
+            pretrain.build_model(pretrain.ModelArguments(model_name_or_path=str(tmp_path), **change))
+
+
+def test_config_overrides_build_a_new_model_of_another_size(pretrain):
+    (model_args, _, _) = pretrain.parse_arguments(["--config_overrides", "hidden_size=128,num_hidden_layers=6"])
+    config = pretrain.build_model(model_args).config
+    assert (config.hidden_size, config.num_hidden_layers, config.patch_size) == (128, 6, 4)  # on the demo's config
+    on_preset = pretrain.build_model(
+        pretrain.ModelArguments(preset="vit-tiny-patch16", config_overrides="qkv_bias=false")
+    )
+    assert on_preset.config.hidden_size == 192 and on_preset.config.qkv_bias is False
+    for overrides, match in (
+        (dict(config_overrides="hidden_size"), "'field=value' pairs"),
+        (dict(config_overrides="depth=3"), "depth isn't in the original config"),
+        (dict(config_overrides="mask_ratio=0.5", mask_ratio=0.6), "have their own arguments"),
+        (dict(config_overrides="hidden_size=32", model_name_or_path="x"), "takes its size from the checkpoint"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            pretrain.build_model(pretrain.ModelArguments(**overrides))
+
+
 def test_pretrain_script_end_to_end(tmp_path):
     out = tmp_path / "run"
     command = [sys.executable, str(SCRIPT), "--output_dir", str(out), "--max_steps", "3", "--per_device_train_batch_size",
                "16", "--max_train_samples", "64", "--max_eval_samples", "16", "--report_to", "none",
-               "--disable_tqdm", "true", "--save_steps", "2"]  # fmt: skip
+               "--disable_tqdm", "true", "--save_steps", "2", "--mask_strategy", "block"]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     model = MAEForPreTraining.from_pretrained(out)
-    assert model.config.patch_size == 4
+    assert model.config.patch_size == 4 and model.config.mask_strategy == "block"
     processor = MAEImageProcessor.from_pretrained(out)
     assert processor.crop_size == {"height": 32, "width": 32}
     assert (out / "reconstruction.png").is_file() and (out / "README.md").is_file()

@@ -13,6 +13,7 @@ import importlib.util
 import math
 from dataclasses import asdict, dataclass, field
 
+from ..configuration_mae import MASK_STRATEGIES
 from .schedule import LR_SCHEDULES
 
 __all__ = [
@@ -274,6 +275,10 @@ class MAETrainingArguments(TrainingArguments):
     learning rate 1.5e-4 scaled by global batch / 256, 40 warmup epochs then half-cycle cosine, 800 epochs). The global
     batch is `per_device_train_batch_size * num_processes * gradient_accumulation_steps`; the official runs use 4096.
 
+    `mask_strategy`, when set, wins over the model config's `mask_strategy`: the trainer writes it into the config
+    before training, so the strategy the masks were drawn with is the one saved with every checkpoint and the final
+    model. Left at `None`, the model config's strategy is used (and saved) unchanged.
+
     Example:
 
     ```python
@@ -288,9 +293,22 @@ class MAETrainingArguments(TrainingArguments):
     num_reconstruction_images: int = field(
         default=8, metadata={"help": "Fixed evaluation images shown in the reconstruction grid (0: none)."}
     )
+    mask_strategy: str | None = field(
+        default=None,
+        metadata={
+            "help": f"How the removed patches are chosen during training, one of {MASK_STRATEGIES}; overrides the "
+            "model config's mask_strategy, which the trainer sets to it, so every saved config says how the model "
+            "was trained (default: the model config's, 'random' for new models)."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
+        if self.mask_strategy is not None and self.mask_strategy not in MASK_STRATEGIES:
+            raise ValueError(
+                f"mask_strategy must be None (the model config's) or one of {MASK_STRATEGIES}, got "
+                f"{self.mask_strategy!r}."
+            )
         if isinstance(self.num_reconstruction_images, bool) or not isinstance(self.num_reconstruction_images, int):
             raise ValueError(
                 f"num_reconstruction_images must be an integer >= 0, got {self.num_reconstruction_images!r}."

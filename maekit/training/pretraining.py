@@ -3,11 +3,12 @@
 Masks are reproducible: the mask noise of optimizer step `s` is drawn for the whole global batch from
 `sample_rng(seed, s, ...)` with the model's `mask_strategy` (`maekit.masking.sample_mask_noise`) and sliced per process
 and micro-batch, so it depends neither on the number of processes nor on a resume; evaluation uses a fixed mask per
-evaluation image.
+evaluation image. `MAETrainingArguments.mask_strategy`, when set, is written into the model config before training.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
 
 __all__ = ["MAETrainer", "PretrainingTask"]
 
+logger = logging.getLogger(__name__)
+
 RECONSTRUCTION_NAME = "reconstruction.png"
 # `sample_rng(seed, epoch, index)` streams above 2**32 are not samples (maekit.data orders epochs with 2**32).
 _TRAIN_MASK_STREAM, _EVAL_MASK_STREAM = 2**32 + 1, 2**32 + 2
@@ -47,6 +50,17 @@ class PretrainingTask(Task):
     def __init__(self):
         self._noise_step: int | None = None
         self._noise: torch.Tensor | None = None
+
+    def setup(self, trainer: Trainer) -> None:
+        """`args.mask_strategy`, when set, becomes the model config's: the masks are drawn with it and every saved
+        config (checkpoints, final model) says so."""
+        strategy = trainer.args.mask_strategy
+        if strategy is not None and trainer.model.config.mask_strategy != strategy:
+            logger.info(
+                f"mask_strategy={strategy!r} (training arguments) replaces the model config's "
+                f"{trainer.model.config.mask_strategy!r}."
+            )
+            trainer.model.config.mask_strategy = strategy
 
     def create_optimizer(self, trainer: Trainer) -> torch.optim.Optimizer:
         """AdamW over the weight-decay groups of the official recipe (no decay on biases and norms)."""

@@ -8,10 +8,12 @@ from __future__ import annotations
 __all__ = [
     "DEMO_MODEL",
     "FINETUNE_DEMO",
+    "FINETUNE_DIGITS",
     "FINETUNE_RECIPES",
     "LINEAR_PROBE",
     "LINEAR_PROBE_DEMO",
     "PRETRAIN_DEMO",
+    "PRETRAIN_DIGITS",
     "finetune_recipe_for",
 ]
 
@@ -40,6 +42,26 @@ PRETRAIN_DEMO = dict(
     logging_steps=20,
     save_total_limit=1,
     eval_on_start=True,
+)
+
+# The digits recipe (docs/results.md, "A recipe for the digits"): on top of the demos' defaults, a 6-block, 128-wide
+# encoder pretrained for 2000 steps, then fine-tuned for only 100 steps without RandAugment. Pretraining + fine-tuning
+# take about 7 CPU-minutes. `python benchmarks/digits_results.py --recipe digits` runs it against training from scratch
+# with the same fine-tuning and against raw-pixel baselines; from the command line, pass these as arguments to
+# examples/pretrain.py and examples/finetune.py (the commands are in docs/results.md).
+PRETRAIN_DIGITS = dict(
+    output_dir="outputs/mae-digits",
+    config_overrides="hidden_size=128,num_hidden_layers=6,intermediate_size=512",
+    max_steps=2000,
+    warmup_steps=100,
+    eval_steps=500,
+)
+FINETUNE_DIGITS = dict(
+    output_dir="outputs/mae-digits-finetune",
+    max_steps=100,
+    warmup_steps=10,
+    learning_rate=4e-3,
+    rand_augment=False,
 )
 
 # Official fine-tuning recipes (FINETUNE.md; global batch 1024, i.e. 32 per GPU x 4 accumulation x 8 GPUs).

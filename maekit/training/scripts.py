@@ -17,7 +17,7 @@ import torch
 import yaml
 from transformers import HfArgumentParser
 
-from ..configuration_mae import PRESETS, MAEConfig
+from ..configuration_mae import PRESETS, TARGETS, MAEConfig
 from ..data import MAEEvalTransform, MAETrainTransform, load_default_dataset, load_image_dataset
 from .recipes import DEMO_MODEL, FINETUNE_RECIPES, finetune_recipe_for
 
@@ -36,6 +36,7 @@ __all__ = [
     "is_demo",
     "is_stream",
     "load_datasets",
+    "parse_config_overrides",
     "parse_script_arguments",
     "pretraining_transforms",
     "run_classification",
@@ -54,8 +55,26 @@ class PretrainModelArguments:
     )
     mask_ratio: float | None = field(default=None, metadata={"help": "Fraction of patches removed (0.75)."})
     norm_pix_loss: bool | None = field(default=None, metadata={"help": "Regress per-patch normalized pixels."})
+    target: str | None = field(
+        default=None,
+        metadata={"help": f"What the decoder regresses: one of {TARGETS} ('norm_pixel' is --norm_pix_loss true)."},
+    )
+    encoder_mask_token: bool | None = field(
+        default=None,
+        metadata={
+            "help": "The encoder sees every patch, removed ones replaced by a learned token (SimMIM; the paper's "
+            "Table 1(c)): slower, for ablations. The masking strategy is --mask_strategy (a training argument)."
+        },
+    )
     image_size: int | None = field(default=None, metadata={"help": "Training resolution (new models only)."})
     patch_size: int | None = field(default=None, metadata={"help": "Patch size (new models only)."})
+    config_overrides: str | None = field(
+        default=None,
+        metadata={
+            "help": "Other MAEConfig fields of a new model, comma-separated: 'hidden_size=128,num_hidden_layers=6' "
+            "(on the preset's or the demo's config; as transformers' run_mae.py)."
+        },
+    )
 
 
 @dataclass
@@ -310,23 +329,73 @@ def build_pretraining_model(args: PretrainModelArguments):
     """A `MAEForPreTraining`: from a checkpoint, of a preset size, or the demo's tiny model."""
     from ..modeling_mae import MAEForPreTraining
 
-    loss_overrides = {
-        k: v for k, v in (("mask_ratio", args.mask_ratio), ("norm_pix_loss", args.norm_pix_loss)) if v is not None
+    model_overrides = {
+        k: v
+        for k, v in (
+            ("mask_ratio", args.mask_ratio),
+            ("norm_pix_loss", args.norm_pix_loss),
+            ("target", args.target),
+            ("encoder_mask_token", args.encoder_mask_token),
+        )
+        if v is not None
     }
     shape_overrides = {
         k: v for k, v in (("image_size", args.image_size), ("patch_size", args.patch_size)) if v is not None
     }
+    if args.config_overrides:
+        fields = parse_config_overrides(args.config_overrides)
+        if both := sorted(fields.keys() & (model_overrides.keys() | shape_overrides.keys())):
+            raise ValueError(
+                f"--config_overrides sets {', '.join(both)}, which have their own arguments: set them once."
+            )
+        shape_overrides.update(fields)
     if args.model_name_or_path is not None:
         if args.preset is not None or shape_overrides:
             raise ValueError(
-                "--model_name_or_path takes its size from the checkpoint; drop --preset/--image_size/--patch_size."
+                "--model_name_or_path takes its size from the checkpoint; drop "
+                "--preset/--image_size/--patch_size/--config_overrides."
             )
-        return MAEForPreTraining.from_pretrained(args.model_name_or_path, **loss_overrides)
+        if args.target is not None or args.encoder_mask_token is not None:
+            _check_same_layers(args.model_name_or_path, model_overrides)
+        return MAEForPreTraining.from_pretrained(args.model_name_or_path, **model_overrides)
     if args.preset is not None:
-        config = MAEConfig.from_preset(args.preset, **shape_overrides, **loss_overrides)
+        config = MAEConfig.from_preset(args.preset, **shape_overrides, **model_overrides)
     else:
-        config = MAEConfig(**{**DEMO_MODEL, **shape_overrides, **loss_overrides})
+        config = MAEConfig(**{**DEMO_MODEL, **shape_overrides, **model_overrides})
     return MAEForPreTraining(config)
+
+
+def parse_config_overrides(text: str) -> dict[str, Any]:
+    """`"hidden_size=128,norm_pix_loss=true"` -> `{"hidden_size": 128, "norm_pix_loss": True}`, each value of the type
+    of that `MAEConfig` field (`PretrainedConfig.update_from_string`'s parsing)."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items or any("=" not in item for item in items):
+        raise ValueError(f"--config_overrides must be 'field=value' pairs separated by commas, got {text!r}.")
+    probe = MAEConfig(**DEMO_MODEL)
+    try:
+        probe.update_from_string(",".join(items))
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"--config_overrides {text!r}: {err}") from None
+    return {item.split("=", 1)[0]: getattr(probe, item.split("=", 1)[0]) for item in items}
+
+
+def _check_same_layers(model_name_or_path: str, overrides: dict[str, Any]) -> None:
+    """Refuse overrides that would change a checkpoint's layers (the HOG target's output size, a mask token moved
+    between decoder and encoder): loading would silently drop trained weights and start new ones at random."""
+    from ..targets import target_dim
+
+    saved = MAEConfig.from_pretrained(model_name_or_path)
+    wanted = MAEConfig.from_pretrained(model_name_or_path, **overrides)
+    for name, old, new in (
+        ("--target", target_dim(saved), target_dim(wanted)),
+        ("--encoder_mask_token", saved.encoder_mask_token, wanted.encoder_mask_token),
+    ):
+        if old != new:
+            raise ValueError(
+                f"{name} changes the layers of {model_name_or_path} (target {saved.target!r}, encoder_mask_token "
+                f"{saved.encoder_mask_token}): its decoder or mask token would start again at random. Start a new "
+                "model (--preset, or no model argument for the demo's) to train with these settings."
+            )
 
 
 def build_classifier(args: ClassifierModelArguments, labels: list[str]):
