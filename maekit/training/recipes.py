@@ -44,7 +44,7 @@ PRETRAIN_DEMO = dict(
     eval_on_start=True,
 )
 
-# The digits recipe (docs/results.md, "A recipe for the digits"): on top of the demos' defaults, a 6-block, 128-wide
+# The digits recipe (docs/results.md, "A recipe that matches raw pixels"): on top of the demos' defaults, a 6-block, 128-wide
 # encoder pretrained for 2000 steps, then fine-tuned for only 100 steps without RandAugment. Pretraining + fine-tuning
 # take about 7 CPU-minutes. `python benchmarks/digits_results.py --recipe digits` runs it against training from scratch
 # with the same fine-tuning and against raw-pixel baselines; from the command line, pass these as arguments to
