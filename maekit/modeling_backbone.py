@@ -110,9 +110,14 @@ class MAEBackbone(BackboneMixin, MAEPreTrainedModel):
     config_class = MAEBackboneConfig
     config: MAEBackboneConfig
     # What a backbone does not use from pretraining / classification checkpoints: the decoder, the final encoder norm
-    # (feature maps are block outputs), classification heads.
-    # The final norm (of an encoder or pretraining folder) is not used: feature maps are the blocks' outputs.
-    _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"^mae\.norm\.", r"^norm\.", r"^fc_norm\.", r"^head\."]
+    # (feature maps are block outputs), an encoder mask token (a backbone never masks), classification heads.
+    _keys_to_ignore_on_load_unexpected = [
+        r"^decoder\.",
+        r"^(mae\.)?norm\.",
+        r"^(mae\.)?encoder_mask_token$",
+        r"^fc_norm\.",
+        r"^head\.",
+    ]
     # A pyramid absent from the folder (always, for pretraining folders) is new, like a classification head.
     _keys_to_ignore_on_load_missing = [r"^pyramid\."]
 
@@ -120,9 +125,9 @@ class MAEBackbone(BackboneMixin, MAEPreTrainedModel):
         if not isinstance(config, MAEBackboneConfig):  # e.g. AutoBackbone.from_config(MAEConfig(...))
             config = MAEBackboneConfig.from_encoder_config(config)
         super().__init__(config)
-        self.mae = MAEModel(config)
-        # Feature maps are block outputs; an unused final norm would get no gradient (and stall DDP).
-        self.mae.norm = nn.Identity()
+        # Feature maps are block outputs and a backbone never masks: an unused final norm or encoder mask token would
+        # get no gradient (and stall DDP).
+        self.mae = MAEModel(config, use_mask_token=False, final_norm=False)
         self.num_features = [config.hidden_size] * len(self.stage_names)
         self.pyramid = (
             MAESimpleFeaturePyramid(config.hidden_size, config.pyramid_channels, config.pyramid_scales)

@@ -129,8 +129,12 @@ def test_sizes_that_are_not_multiples_of_the_patch_are_zero_padded():
     assert backbone(pixel_values).feature_maps[0].shape == (1, 32, 4, 5)
 
 
-def test_every_parameter_gets_a_gradient_and_drop_path_is_applied():
-    config = backbone_config(drop_path_rate=0.2, pyramid_scales=[4, 2, 1, 0.5], pyramid_channels=8)
+@pytest.mark.parametrize("encoder_mask_token", [False, True])
+def test_every_parameter_gets_a_gradient_and_drop_path_is_applied(encoder_mask_token):
+    # A backbone never masks: an encoder mask token (SimMIM-style pretraining) would get no gradient either.
+    config = backbone_config(
+        drop_path_rate=0.2, pyramid_scales=[4, 2, 1, 0.5], pyramid_channels=8, encoder_mask_token=encoder_mask_token
+    )
     backbone = MAEBackbone(config).train()
     assert [block.drop_path.drop_prob for block in backbone.mae.blocks] == pytest.approx([0.0, 0.2])
     loss = sum(m.square().mean() for m in backbone(torch.randn(2, 3, 32, 32)).feature_maps)
@@ -249,6 +253,24 @@ def test_docstring_examples_run(obj):
     assert blocks
     for code in blocks:
         exec(compile(code, f"{obj.__name__} docstring", "exec"), {"__name__": "__docstring__"})
+
+
+@pytest.mark.parametrize("model_class", [MAEModel, MAEForPreTraining])
+def test_a_folder_trained_with_encoder_mask_tokens_loads_into_a_backbone_without_them(
+    model_class, tiny_config, tmp_path, capsys, caplog
+):
+    torch.manual_seed(0)
+    trained = model_class(tiny_config(encoder_mask_token=True))
+    trained.save_pretrained(tmp_path)
+    capsys.readouterr()
+    with caplog.at_level("WARNING"):
+        backbone = AutoBackbone.from_pretrained(tmp_path, out_indices=[1])
+    assert "LOAD REPORT" not in capsys.readouterr().out + capsys.readouterr().err + caplog.text
+    assert backbone.mae.encoder_mask_token is None
+    assert not any("mask_token" in name for name, _ in backbone.named_parameters())
+    encoder = trained if model_class is MAEModel else trained.mae
+    blocks = {k: v for k, v in encoder.state_dict().items() if k.startswith(("blocks.", "patch_embed.", "cls_token"))}
+    assert all(torch.equal(backbone.mae.state_dict()[k], v) for k, v in blocks.items())
 
 
 def test_an_encoder_folder_loads_into_a_backbone_without_a_load_report(tiny_config, tmp_path, capsys, caplog):
