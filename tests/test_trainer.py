@@ -510,3 +510,19 @@ def test_a_new_run_never_prunes_or_shadows_checkpoints_it_did_not_write(tiny_con
 def test_zero_step_settings_are_refused(tmp_path, name):
     with pytest.raises(ValueError, match=name):
         make_args(tmp_path, **{name: 0})
+
+
+def test_the_data_fingerprint_is_computed_once_per_run(tiny_config, tmp_path, monkeypatch):
+    # It reads every file name of an image folder (seconds for ImageNet): not again at every checkpoint.
+    from maekit.training import trainer as trainer_module
+
+    calls = []
+    fingerprint = trainer_module._dataset_fingerprint
+    monkeypatch.setattr(trainer_module, "_dataset_fingerprint", lambda data: calls.append(data) or fingerprint(data))
+    MAETrainer(
+        make_model(tiny_config), make_args(tmp_path, max_steps=4, save_steps=1, save_total_limit=None), pil_dataset()
+    ).train()
+    assert len(calls) == 1
+    saved = {json.loads((tmp_path / f"checkpoint-{step}" / "trainer_state.json").read_text())["dataset_fingerprint"]
+             for step in range(1, 5)}  # fmt: skip
+    assert saved == {fingerprint(pil_dataset())}

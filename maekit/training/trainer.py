@@ -23,6 +23,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -318,6 +319,11 @@ class Trainer:
         """Epochs done after `step` optimizer steps; for a stream, the number of completed passes over it."""
         return self.stream_position.epoch if self.streaming else step / self.steps_per_epoch
 
+    @cached_property
+    def _train_data_fingerprint(self) -> str | None:
+        """`_dataset_fingerprint` of the training data, computed once per run (it reads every file name)."""
+        return _dataset_fingerprint(self.train_dataset)
+
     def signature(self) -> RunSignature:
         """What a resumed run must share with its checkpoint."""
         spe = self.steps_per_epoch
@@ -325,7 +331,7 @@ class Trainer:
             global_batch_size=self.global_batch_size,
             steps_per_epoch=None if self.streaming else spe,  # a stream's "epoch" is the run
             num_train_samples=None if self.streaming else len(self.train_dataset),
-            dataset_fingerprint=_dataset_fingerprint(self.train_dataset),
+            dataset_fingerprint=self._train_data_fingerprint,
             total_steps=self.total_steps,
             warmup_steps=self.args.resolved_warmup_steps(spe),
             learning_rate=self.learning_rate,
@@ -736,7 +742,7 @@ class Trainer:
         record = {
             **asdict(self.state),
             **asdict(self.signature()),
-            "epoch": self.epoch_at(step) if self.streaming else step / spe,
+            "epoch": self.epoch_at(step),
             "epoch_index": step // spe,  # data position: this epoch's order ...
             "step_in_epoch": step % spe,  # ... after this many global batches of it
             "num_processes": self.accelerator.num_processes,
