@@ -417,3 +417,28 @@ def test_fine_tuning_with_mixup_and_workers_resumes_exactly(tmp_path):
     run(tmp_path / "resumed", resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
     full, resumed = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("full", "resumed"))
     assert max((full[k] - resumed[k]).abs().max().item() for k in full) <= 1e-6
+
+
+def test_class_names_come_from_the_label_column_the_datasets_use():
+    import datasets
+
+    from maekit.training.scripts import class_names
+
+    images = ["a.png", "b.png", "c.png"]
+    named = datasets.Dataset.from_dict(
+        {"image": images, "label": [0, 2, 1]},
+        features=datasets.Features(
+            {"image": datasets.Value("string"), "label": datasets.ClassLabel(names=list("xyz"))}
+        ),
+    )
+    assert class_names(named) == ["x", "y", "z"]
+    # An integer column under a conventional name other than "label": the one MAEImageDataset reads.
+    assert class_names(datasets.Dataset.from_dict({"image": images, "target": [0, 3, 1]})) == ["0", "1", "2", "3"]
+    assert class_names(datasets.Dataset.from_dict({"image": images, "y": [1, 0, 0], "z": [4, 4, 4]}), "y") == [
+        "0",
+        "1",
+    ]
+    with pytest.raises(ValueError, match="No label column found among \\['image', 'y'\\]"):
+        class_names(datasets.Dataset.from_dict({"image": images, "y": [1, 0, 0]}))
+    with pytest.raises(ValueError, match="label_column='w' is not a column"):
+        class_names(named, "w")

@@ -18,7 +18,14 @@ import yaml
 from transformers import HfArgumentParser
 
 from ..configuration_mae import PRESETS, TARGETS, MAEConfig
-from ..data import MAEEvalTransform, MAETrainTransform, load_default_dataset, load_image_dataset
+from ..data import (
+    LABEL_COLUMN_NAMES,
+    MAEEvalTransform,
+    MAETrainTransform,
+    find_column,
+    load_default_dataset,
+    load_image_dataset,
+)
 from .recipes import DEMO_MODEL, FINETUNE_RECIPES, finetune_recipe_for
 
 __all__ = [
@@ -317,10 +324,13 @@ def _prepare_streams(train, evaluation, data_args: PretrainDataArguments, seed: 
 
 
 def class_names(train, label_column: str | None = None) -> list[str]:
-    """The class names of a labeled `datasets.Dataset` (its `ClassLabel` names, else "0", "1", ...)."""
-    column = label_column or next(
-        (name for name, feature in train.features.items() if hasattr(feature, "names")), "label"
-    )
+    """The class names of a labeled `datasets.Dataset` (its `ClassLabel` names, else "0", "1", ...), from the label
+    column the datasets use (`maekit.data.find_column`)."""
+    column = find_column(train.features, LABEL_COLUMN_NAMES, label_column, "label")
+    if column is None:
+        raise ValueError(
+            f"No label column found among {list(train.features)}; pass label_column= (--label_column) to name it."
+        )
     feature = train.features[column]
     return feature.names if hasattr(feature, "names") else [str(i) for i in range(max(train[column]) + 1)]
 
