@@ -360,7 +360,7 @@ def _visualize(args: argparse.Namespace) -> int:
 
 def _open_images(paths: Sequence[str], num_channels: int) -> list:
     """Decode every image now, so that a bad file is reported by name."""
-    from .data import decode_error_message, decode_image
+    from .data import _DECODE_ERRORS, decode_error_message, decode_image
     from .image_processing_mae import convert_image_mode
 
     images = []
@@ -368,7 +368,7 @@ def _open_images(paths: Sequence[str], num_channels: int) -> list:
         try:
             image = decode_image(path)
             image.load()
-        except (OSError, SyntaxError, ValueError) as err:
+        except _DECODE_ERRORS as err:  # what maekit.data counts as a bad file (a decompression bomb included)
             raise ValueError(f"cannot read image {path}: {decode_error_message(err)}") from err
         images.append(convert_image_mode(image, num_channels))
     return images

@@ -183,6 +183,12 @@ def test_visualize_errors_name_the_problem(capsys, pretrained, photos, tmp_path,
         f"error: cannot read image {tmp_path / 'notes.jpg'}: UnidentifiedImageError: cannot identify image file\n"
     )
     assert err.endswith(expected)
+    # A decompression bomb (over twice PIL's pixel limit: PIL's own error, not an OSError) is a bad file too.
+    Image.new("RGB", (64, 64)).save(tmp_path / "bomb.png")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+        err = usage_error(capsys, "visualize", pretrained, tmp_path / "bomb.png")
+    assert f"error: cannot read image {tmp_path / 'bomb.png'}: DecompressionBombError: " in err
     (tmp_path / "empty").mkdir()
     assert "is a folder without a config.json" in usage_error(capsys, "visualize", tmp_path / "empty", photos)
     assert "maekit visualize: error:" in usage_error(capsys, "visualize", pretrained, tmp_path / "empty")
