@@ -35,7 +35,7 @@ from torch import nn
 
 from .data import MAEImageDataset, build_dataloader, collate_fn
 from .image_processing_mae import MAEImageProcessor
-from .inputs import IMAGE_SUFFIXES, find_images, iter_image_files, read_file_list
+from .inputs import IMAGE_SUFFIXES, iter_image_files, read_file_list
 
 __all__ = [
     "OUTPUT_SUFFIXES",
@@ -132,8 +132,8 @@ def open_image_source(
         raise ValueError(
             f"DATA {data} is a file but neither a .txt file list nor an image ({', '.join(IMAGE_SUFFIXES)})."
         )
-    if path.is_dir() and next(iter_image_files(path), None) is not None:
-        images = find_images([path], file_lists=False)
+    images = sorted(iter_image_files(path)) if path.is_dir() else []  # as find_images lists a folder, walked once
+    if images:
         names = [Path(image).relative_to(path).as_posix() for image in images]
         labels = label_names = None
         if all(name.count("/") == 1 for name in names):
