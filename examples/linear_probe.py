@@ -28,8 +28,9 @@ from maekit.training.scripts import (
 ARGUMENTS = (ClassifierModelArguments, ClassificationDataArguments, ClassificationTrainingArguments)
 
 
-def parse_arguments(argv: list[str], demo_defaults: dict = DEMO_DEFAULTS, base_defaults: dict = PROBE_DEFAULTS,
-                    recipes: bool = False) -> tuple:  # fmt: skip
+def parse_arguments(
+    argv: list[str], demo_defaults: dict = DEMO_DEFAULTS, base_defaults: dict = PROBE_DEFAULTS
+) -> tuple:
     """Defaults: the official probe recipe, then the demo's (no data arguments); what `argv` says wins."""
     return parse_script_arguments(ARGUMENTS, argv, demo_defaults, base_defaults, description=__doc__)
 

@@ -267,7 +267,7 @@ def test_linear_probe_example_end_to_end(pretrained_and_folder, tmp_path):
     probe = load_example("linear_probe")
     pretrained, images = pretrained_and_folder
     model_args, data_args, args = probe.parse_arguments(
-        example_argv(pretrained, images, tmp_path), probe.DEMO_DEFAULTS, probe.PROBE_DEFAULTS, recipes=False
+        example_argv(pretrained, images, tmp_path), probe.DEMO_DEFAULTS, probe.PROBE_DEFAULTS
     )
     assert args.linear_probe and model_args.pooling == "cls" and not args.mixes and not data_args.rand_augment
     assert (args.base_learning_rate, args.weight_decay, args.num_train_epochs) == (0.1, 0.0, 90)
