@@ -309,8 +309,9 @@ def test_outputs_model_card_reconstructions_and_trackers(tiny_config, tmp_path):
     card = (tmp_path / "README.md").read_text()
     for expected in ("library_name: maekit", "- masked-autoencoder", "datasets:\n- user/tiny-images",
                      "| global_batch_size | 8 |", "| learning_rate | 0.001 |", f"| eval_loss | {evals[-1]:.6g} |",
-                     "![Reconstructions](reconstruction.png)", "per-patch normalized"):  # fmt: skip
+                     "![Reconstructions](reconstruction.png)", "per-patch normalized", "| lr_schedule | cosine |"):  # fmt: skip
         assert expected in card
+    assert "lr_poly_power" not in card
     grid = Image.open(tmp_path / "reconstruction.png")
     from maekit.visualize import HEADER_HEIGHT
 
@@ -526,3 +527,10 @@ def test_the_data_fingerprint_is_computed_once_per_run(tiny_config, tmp_path, mo
     saved = {json.loads((tmp_path / f"checkpoint-{step}" / "trainer_state.json").read_text())["dataset_fingerprint"]
              for step in range(1, 5)}  # fmt: skip
     assert saved == {fingerprint(pil_dataset())}
+
+
+def test_the_model_card_states_the_schedule_the_run_used(tiny_config, tmp_path):
+    args = make_args(tmp_path, max_steps=2, lr_schedule="poly", lr_poly_power=2.0)
+    MAETrainer(make_model(tiny_config), args, TensorImages(16)).train()
+    card = (tmp_path / "README.md").read_text()
+    assert "| lr_schedule | poly |" in card and "| lr_poly_power | 2 |" in card and "cosine" not in card

@@ -204,8 +204,6 @@ class ClassificationTask(Task):
         title = card_title(trainer)
         on = f" on `{trainer.dataset_name}`" if public_dataset_name(trainer) else ""
         results = card_results(trainer)
-        if trainer.state.best_step is not None:
-            results["best_step"] = trainer.state.best_step
         return ModelCard(
             title=title,
             summary=(

@@ -175,8 +175,11 @@ def public_dataset_name(trainer: Trainer) -> str | None:
 
 
 def card_results(trainer: Trainer) -> dict[str, Any]:
-    """The card's results: the step reached and the last summary metrics."""
-    return {"global_step": trainer.state.global_step, **trainer.last_metrics()}
+    """The card's results: the step reached, the last summary metrics and the best model's step (when one is kept)."""
+    results = {"global_step": trainer.state.global_step, **trainer.last_metrics()}
+    if trainer.state.best_step is not None:
+        results["best_step"] = trainer.state.best_step
+    return results
 
 
 def card_hyperparameters(trainer: Trainer) -> dict[str, Any]:
@@ -191,6 +194,8 @@ def card_hyperparameters(trainer: Trainer) -> dict[str, Any]:
         "total_steps": trainer.total_steps,
         "warmup_steps": args.resolved_warmup_steps(spe),
         "epochs": None if trainer.streaming else trainer.total_steps / spe,
+        "lr_schedule": args.lr_schedule,
+        "lr_poly_power": args.lr_poly_power if args.lr_schedule == "poly" else None,
         "min_lr": args.min_lr,
         "weight_decay": args.weight_decay,
         "max_grad_norm": args.max_grad_norm,

@@ -215,7 +215,6 @@ class PretrainingTask(Task):
                 **card_hyperparameters(trainer),
                 "base_learning_rate": None if args.learning_rate is not None else args.base_learning_rate,
                 "optimizer": f"AdamW (betas=({args.adam_beta1}, {args.adam_beta2}), eps={args.adam_epsilon})",
-                "lr_schedule": "linear warmup + half-cycle cosine",
             },
             dataset_name=public_dataset_name(trainer),
             images=images,

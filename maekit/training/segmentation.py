@@ -254,8 +254,6 @@ class SegmentationTask(Task):
             else "an MAE encoder"
         )
         results = card_results(trainer)
-        if trainer.state.best_step is not None:
-            results["best_step"] = trainer.state.best_step
         usage = (
             "import maekit  # registers the MAE backbone with transformers\n"
             "from transformers import AutoModelForSemanticSegmentation, pipeline\n\n"
@@ -276,8 +274,6 @@ class SegmentationTask(Task):
             results=results,
             hyperparameters={
                 **card_hyperparameters(trainer),
-                "lr_schedule": args.lr_schedule,
-                "lr_poly_power": args.lr_poly_power if args.lr_schedule == "poly" else None,
                 "layer_decay": args.layer_decay,
                 "drop_path_rate": getattr(backbone, "drop_path_rate", None),
                 "eval_mode": args.eval_mode,
