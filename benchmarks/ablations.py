@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from common import machine_info, write_json
+from common import machine_info, parse_checked, timed, write_json
 from digits_results import PIXEL_LOGISTIC, pixel_baselines
 from transformers import set_seed
 
@@ -91,8 +91,7 @@ class Ablation:
     name: str
     title: str
     source: str  # where the paper's numbers are
-    points: list[Point] = field(default_factory=list)
-    numeric: bool = False  # labels are numbers (a line plot), else categories
+    points: list[Point] = field(default_factory=list)  # numeric labels are drawn as a line (see plot)
 
 
 # The paper: ViT-L/16, 800 pretraining epochs on ImageNet-1K; (fine-tuning, linear probing) top-1 %.
@@ -105,7 +104,6 @@ ABLATIONS = [
             Point(f"{r:g}", dict(mask_ratio=r), {0.1: (None, 54.6), 0.75: (84.9, 73.5)}.get(r))
             for r in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.9)
         ],
-        numeric=True,
     ),
     Ablation(
         "decoder_depth",
@@ -115,14 +113,12 @@ ABLATIONS = [
             Point(str(d), dict(decoder_num_hidden_layers=d), p)
             for d, p in ((1, (84.8, 65.5)), (2, (84.9, 70.0)), (4, (84.9, 71.9)), (8, (84.9, 73.5)))
         ],
-        numeric=True,
     ),
     Ablation(
         "decoder_width",
         "Decoder width (encoder: 64)",
         "Table 1(b), at the same fraction of the encoder's width (paper: 256, 512, 1024 of 1024)",
         [Point(str(w), decoder_width(w), p) for w, p in ((16, (84.8, 71.3)), (32, (84.9, 73.5)), (64, (84.3, 73.1)))],
-        numeric=True,
     ),
     Ablation(
         "mask_token",
@@ -189,10 +185,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--figures", default=None, help="folder for the PNG figures")
     parser.add_argument("--resume", action="store_true", help="reuse the runs already in --output")
     parser.add_argument("--work-dir", default=None, help="where the models go while a run lasts (default: temp)")
-    args = parser.parse_args(argv)
-    for name in ("pretrain_steps", "finetune_steps", "probe_epochs"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    args = parse_checked(parser, argv, positive=("pretrain_steps", "finetune_steps", "probe_epochs"))
     if args.resume and args.output is None:
         parser.error("--resume reads the runs from --output: give it")
     return args
@@ -206,12 +199,6 @@ class Digits:
         transform = FineTuneEvalTransform(size=DEMO_MODEL["image_size"])
         self.train_frozen = MAEImageDataset(self.train, transform)  # labeled, no augmentation: frozen features
         self.eval_frozen = MAEImageDataset(self.eval, transform)
-
-
-def _timed(fn):
-    wall, cpu = time.perf_counter(), time.process_time()
-    out = fn()
-    return out, {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
 
 
 def run_point(settings: dict, seed: int, budget: Budget, data: Digits, work: Path, pretrain: bool = True) -> dict:
@@ -233,16 +220,15 @@ def run_point(settings: dict, seed: int, budget: Budget, data: Digits, work: Pat
     trainer = MAETrainer(model, args, MAEImageDataset(data.train, transform, seed=seed), monitor=monitor)
     record = {"settings": settings, "seed": seed, "pretrained": pretrain}
     if pretrain:
-        result, record["pretrain_time"] = _timed(trainer.train)
+        result, record["pretrain_time"] = timed(trainer.train)
         record["pretrain_loss"] = result.training_loss
         frozen = next(e for e in reversed(trainer.state.log_history) if "knn_acc1" in e)  # the monitor's, last step
     else:
-        frozen, _ = _timed(lambda: monitor(trainer, 0))
+        frozen = monitor(trainer, 0)
         model.save_pretrained(args.output_dir)
     record["knn"], record["linear_probe"] = frozen["knn_acc1"], frozen["linear_probe_acc1"]
-    if budget.finetune_steps:
-        metrics, record["finetune_time"] = _timed(lambda: finetune(Path(args.output_dir), seed, budget, data, work))
-        record["finetune"] = metrics["eval_acc1"]
+    metrics, record["finetune_time"] = timed(lambda: finetune(Path(args.output_dir), seed, budget, data, work))
+    record["finetune"] = metrics["eval_acc1"]
     return record
 
 
@@ -305,9 +291,8 @@ def summarize(runs: dict[str, dict], ablations: list[Ablation], seeds: list[int]
             row["baseline"] = {**BASELINE, **point.settings} == BASELINE
             for metric in METRICS:
                 row[metric] = spread([r[metric] for r in records])
-            for stage in ("pretrain_time",):
-                for clock in ("wall_s", "cpu_s"):
-                    row[f"{stage}_{clock}"] = spread([r[stage][clock] for r in records])
+            for clock in ("wall_s", "cpu_s"):
+                row[f"pretrain_time_{clock}"] = spread([r["pretrain_time"][clock] for r in records])
             points.append(row)
         out.append({"name": ablation.name, "title": ablation.title, "source": ablation.source, "points": points})
     return out

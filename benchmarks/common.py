@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
+from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
@@ -75,6 +76,13 @@ def parse_checked(
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     return args
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, dict[str, float]]:
+    """`fn()` and the wall-clock and CPU seconds of this process it took (`{"wall_s": ..., "cpu_s": ...}`)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
 
 
 def record_command(result: dict, script: str, argv: Sequence[str] | None, output: str | None) -> None:

@@ -22,12 +22,11 @@ import argparse
 import importlib.util
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from common import format_table, machine_info, write_json
+from common import format_table, machine_info, timed, write_json
 from transformers import set_seed
 
 from maekit import MAEForPreTraining
@@ -137,9 +136,8 @@ def run(args: argparse.Namespace) -> dict:
 
     def call(name: str, module, argv: list[str]) -> dict:
         commands[name] = f"python examples/{Path(module.__file__).name} " + " ".join(argv)
-        start, start_cpu = time.perf_counter(), time.process_time()
-        metrics = module.main(argv)
-        timings[name], cpu_timings[name] = time.perf_counter() - start, time.process_time() - start_cpu
+        metrics, took = timed(lambda: module.main(argv))
+        timings[name], cpu_timings[name] = took["wall_s"], took["cpu_s"]
         return metrics
 
     def length(epochs: float | None, steps: int | None) -> list[str]:
