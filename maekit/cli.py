@@ -420,13 +420,6 @@ def _export(args: argparse.Namespace) -> int:
     model = load_model(args.model, MAEForImageClassification if args.classifier else MAEModel)
     config = model.config
     (p, q), channels = config.patch_hw, config.num_channels
-    grid = [size // patch for size, patch in zip(config.image_hw, config.patch_hw)]
-    if not args.static_size and min(grid) < 2:  # torch.export cannot trace a dynamic size from one patch per side
-        raise ValueError(
-            f"a dynamic image size needs at least two patches per side, and {args.model}'s image_size "
-            f"{'x'.join(map(str, config.image_hw))} is {grid[0]}x{grid[1]} patches of {p}x{q}; pass --static-size to "
-            "export it at that size."
-        )
     # The check images are read first: a bad one is reported before the export, not after it.
     if args.no_check:
         images, source = [], ""

@@ -87,8 +87,8 @@ def export_model(
         output (`str` or `Path`): the file to write (`.onnx` for ONNX, `.pt2` for `torch.export`).
         format (`str`): `"onnx"` or `"torch-export"`.
         dynamic_batch (`bool`): any batch size at run time.
-        dynamic_size (`bool`): any image size that is a multiple of the patch size (at least 2 patches per side);
-            otherwise only `config.image_size`.
+        dynamic_size (`bool`): any image size that is a multiple of the patch size (at least 2 patches per side;
+            a `ValueError` for a model whose own `image_size` has fewer); otherwise only `config.image_size`.
         opset_version (`int`, *optional*): ONNX opset (default: the exporter's).
 
     Returns:
@@ -120,6 +120,14 @@ def export_model(
     output = Path(output)
     if output.suffix != _SUFFIXES[format]:
         raise ValueError(f"--format {format} writes a {_SUFFIXES[format]} file, got output {str(output)!r}.")
+    config = model.config
+    if dynamic_size and min(config.grid_size) < 2:  # torch.export cannot trace a dynamic size from one patch per side
+        (gh, gw), (p, q) = config.grid_size, config.patch_hw
+        raise ValueError(
+            f"a dynamic image size needs at least two patches per side, and {model.name_or_path or 'the model'}'s "
+            f"image_size {'x'.join(map(str, config.image_hw))} is {gh}x{gw} patches of {p}x{q}; pass --static-size "
+            "(dynamic_size=False) to export it at that size."
+        )
     model = model.eval().float()
     height, width = model.config.image_hw
     example = (torch.randn(2 if dynamic_batch else 1, model.config.num_channels, height, width),)

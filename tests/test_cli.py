@@ -549,6 +549,11 @@ def test_export_errors(capsys, pretrained, tmp_path, tiny_config):
         err = usage_error(capsys, "export", small, "--format", fmt, "--output", output)
         assert "maekit export: error: a dynamic image size needs at least two patches per side" in err
         assert "image_size 8x16 is 1x2 patches of 8x8; pass --static-size" in err and "Traceback" not in err
+    from maekit.export import export_model  # the library says the same
+
+    with pytest.raises(ValueError, match="image_size 8x16 is 1x2 patches of 8x8; pass --static-size"):
+        export_model(MAEModel.from_pretrained(small), tmp_path / "small.pt2", "torch-export")
+    assert not (tmp_path / "small.pt2").exists()
     out = run(capsys, "export", small, "--format", "torch-export", "--output", tmp_path / "small.pt2", "--static-size")
     assert "input  pixel_values (batch, 3, 8, 16)\n" in out and len(diffs(out)) == 2
 
