@@ -91,19 +91,27 @@ MASK_STRATEGIES = ("random", "block", "grid")
 TARGETS = ("pixel", "norm_pixel", "hog")
 
 
+def num_kept(num_patches: int, mask_ratio: float) -> int:
+    """Patches the encoder sees: `int(num_patches * (1 - mask_ratio))`, the official rounding."""
+    return int(num_patches * (1 - mask_ratio))
+
+
 def largest_mask_ratio(num_patches: int) -> float:
-    """The largest `mask_ratio` that leaves the encoder at least one visible patch: `int(L * (1 - r)) >= 1`."""
+    """The largest `mask_ratio` that leaves the encoder at least one visible patch: `num_kept(L, r) >= 1`."""
     ratio = 1.0 - 1.0 / num_patches
-    while ratio > 0 and int(num_patches * (1 - ratio)) < 1:  # 1 - 1/L can round to a ratio that keeps none
+    while ratio > 0 and num_kept(num_patches, ratio) < 1:  # 1 - 1/L can round to a ratio that keeps none
         ratio = math.nextafter(ratio, 0.0)
     return ratio
 
 
-def check_mask_ratio(mask_ratio, num_patches: int) -> None:
-    """`ValueError` unless `mask_ratio` is a number in [0, 1) that keeps at least one of `num_patches` patches."""
+def check_mask_ratio(mask_ratio, num_patches: int | None = None) -> None:
+    """`ValueError` unless `mask_ratio` is a number in [0, 1) that, when `num_patches` is given, keeps at least one
+    of them."""
     if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, (int, float)) or not 0 <= mask_ratio < 1:
         raise ValueError(f"mask_ratio must be a number in [0, 1), got {mask_ratio!r}.")
-    kept = int(num_patches * (1 - mask_ratio))  # as the masking computes it
+    if num_patches is None:
+        return
+    kept = num_kept(num_patches, mask_ratio)
     if kept < 1:
         raise ValueError(
             f"mask_ratio={mask_ratio!r} keeps {kept} of {num_patches} patches, but the encoder needs at least one "

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .configuration_mae import MAEConfig
+from .configuration_mae import MAEConfig, check_mask_ratio, num_kept
 from .modeling_mae import MAEForImageClassification
 from .validation import pair
 
@@ -79,7 +79,7 @@ def flops_per_image(
         raise ValueError(f"image_size {h}x{w} is not divisible by patch_size {p}x{q}.")
     mask_ratio = config.mask_ratio if mask_ratio is None else mask_ratio
     length = (h // p) * (w // q)
-    kept = int(length * (1 - mask_ratio))
+    kept = num_kept(length, mask_ratio)
     width, dec_width, pixels = config.hidden_size, config.decoder_hidden_size, config.patch_dim
 
     def encoder(tokens: int) -> tuple[int, int, int]:
@@ -149,7 +149,7 @@ class ModelInfo:
         """Human-readable summary, one fact per line."""
         c, (gh, gw), (h, w) = self.config, self.grid, self.image_size
         p, q = pair(c["patch_size"])
-        kept = int(gh * gw * (1 - c["mask_ratio"]))
+        kept = num_kept(gh * gw, c["mask_ratio"])
         params, flops = self.parameters, self.flops
         lines = [
             f"model          {self.name}",
@@ -240,8 +240,7 @@ def model_info(
 
     config, model_class = resolve_config(name_or_path, allow_presets=True)
     if mask_ratio is not None:
-        if not 0 <= mask_ratio < 1:
-            raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio!r}.")
+        check_mask_ratio(mask_ratio)
         config.mask_ratio = mask_ratio
     size = pair(image_size) if image_size is not None else config.image_hw
     p, q = config.patch_hw

@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from .configuration_mae import MASK_STRATEGIES
+from .configuration_mae import MASK_STRATEGIES, check_mask_ratio, num_kept
 from .validation import pair
 
 __all__ = [
@@ -40,11 +40,6 @@ __all__ = [
     "sample_mask",
     "sample_mask_noise",
 ]
-
-
-def num_kept(num_patches: int, mask_ratio: float) -> int:
-    """Patches the encoder sees: `int(num_patches * (1 - mask_ratio))`, the official rounding."""
-    return int(num_patches * (1 - mask_ratio))
 
 
 def masking_from_noise(noise: torch.Tensor, len_keep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -117,8 +112,7 @@ def _grid_and_kept(grid_size, mask_ratio: float) -> tuple[int, int, int]:
     gh, gw = pair(grid_size)
     if not all(isinstance(s, int) and s > 0 for s in (gh, gw)):
         raise ValueError(f"grid_size must be a positive int or a (height, width) pair of them, got {grid_size!r}.")
-    if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, (int, float)) or not 0 <= mask_ratio < 1:
-        raise ValueError(f"mask_ratio must be a number in [0, 1), got {mask_ratio!r}.")
+    check_mask_ratio(mask_ratio)  # the range only: a mask may keep no patch (the model refuses that itself)
     return gh, gw, num_kept(gh * gw, mask_ratio)
 
 
