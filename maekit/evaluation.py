@@ -27,6 +27,15 @@ __all__ = [
 _POOLING = ("cls", "mean")
 
 
+def _pool(hidden: torch.Tensor, pooling: str) -> torch.Tensor:
+    """(B, 1 + L, D) encoder output -> (B, D) for cls / mean, (B, 1 + L, D) for tokens."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    if pooling == "mean":
+        return hidden[:, 1:].mean(dim=1)
+    return hidden
+
+
 def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None, list[str | None] | None]:
     """(pixel_values, labels or None, bad-image markers or None) from a `{"pixel_values", ["labels"],
     ["bad_images"]}` mapping (maekit's `collate_fn`) or a `(pixel_values, labels)` pair."""
@@ -118,7 +127,7 @@ def extract_features(
                         "return_bad_images=True to keep their rows (NaN) and get their names."
                     )
                 hidden = encoder(pixel_values.to(device, non_blocking=True)).last_hidden_state  # (B, 1 + L, D)
-                feats = (hidden[:, 0] if pool == "cls" else hidden[:, 1:].mean(dim=1)).float()
+                feats = _pool(hidden, pool).float()
                 if markers is not None:
                     bad_rows = torch.tensor([marker is not None for marker in markers], device=feats.device)
                     feats = feats.masked_fill(bad_rows[:, None], float("nan"))

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from .data import MAEImageDataset, build_dataloader, collate_fn
+from .evaluation import _pool
 from .image_processing_mae import MAEImageProcessor
 from .inputs import IMAGE_SUFFIXES, iter_image_files, read_file_list
 
@@ -249,15 +250,6 @@ def _quiet_bad_image_warnings() -> Iterator[None]:
         yield
     finally:
         data_logger.setLevel(level)
-
-
-def _pool(hidden: torch.Tensor, pooling: str) -> torch.Tensor:
-    """(B, 1 + L, D) encoder output -> (B, D) for cls / mean, (B, 1 + L, D) for tokens."""
-    if pooling == "cls":
-        return hidden[:, 0]
-    if pooling == "mean":
-        return hidden[:, 1:].mean(dim=1)
-    return hidden
 
 
 def _model_fingerprint(model: nn.Module) -> str:
