@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..augment import _randint, _uniform
 from ..data import sample_rng
 from ..image_processing_mae import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, convert_image_mode
 from ..validation import as_hw, check_range
@@ -77,15 +78,6 @@ def _rescale_size(width: int, height: int, scale: tuple[int, int], ratio: float 
     return max(int(width * factor + 0.5), 1), max(int(height * factor + 0.5), 1)
 
 
-def _randint(high: int, generator: torch.Generator | None) -> int:
-    """Uniform integer in [0, high)."""
-    return int(torch.randint(0, high, (1,), generator=generator))
-
-
-def _uniform(low: float, high: float, generator: torch.Generator | None) -> float:
-    return low + (high - low) * float(torch.rand(1, generator=generator))
-
-
 class _Normalize:
     """uint8 HWC array -> normalized float (C, H, W) tensor."""
 
@@ -106,15 +98,15 @@ def photometric_distortion(pixels: np.ndarray, generator: torch.Generator | None
         return np.clip(x, 0, 255).astype(np.uint8)
 
     def contrast(x: np.ndarray) -> np.ndarray:
-        return clip(x.astype(np.float32) * _uniform(0.5, 1.5, generator)) if _randint(2, generator) else x
+        return clip(x.astype(np.float32) * _uniform(generator, 0.5, 1.5)) if _randint(0, 2, generator) else x
 
-    if _randint(2, generator):
-        pixels = clip(pixels.astype(np.float32) + _uniform(-32, 32, generator))
-    contrast_first = _randint(2, generator) == 1
+    if _randint(0, 2, generator):
+        pixels = clip(pixels.astype(np.float32) + _uniform(generator, -32, 32))
+    contrast_first = _randint(0, 2, generator) == 1
     if contrast_first:
         pixels = contrast(pixels)
-    change_saturation, saturation = _randint(2, generator), _uniform(0.5, 1.5, generator)
-    change_hue, hue = _randint(2, generator), _randint(37, generator) - 18
+    change_saturation, saturation = _randint(0, 2, generator), _uniform(generator, 0.5, 1.5)
+    change_hue, hue = _randint(0, 2, generator), _randint(0, 37, generator) - 18
     if change_saturation or change_hue:
         hsv = np.asarray(Image.fromarray(pixels).convert("HSV")).astype(np.float32)
         if change_saturation:
@@ -189,8 +181,8 @@ class SegmentationTrainTransform:
 
     def _crop_box(self, height: int, width: int, generator) -> tuple[int, int, int, int]:
         crop_h, crop_w = self.crop_size
-        top = _randint(max(height - crop_h, 0) + 1, generator)
-        left = _randint(max(width - crop_w, 0) + 1, generator)
+        top = _randint(0, max(height - crop_h, 0) + 1, generator)
+        left = _randint(0, max(width - crop_w, 0) + 1, generator)
         return top, min(top + crop_h, height), left, min(left + crop_w, width)
 
     def __call__(self, image: Image.Image, label: Any, generator: torch.Generator | None = None) -> dict:
@@ -199,7 +191,7 @@ class SegmentationTrainTransform:
         if labels.shape != (image.height, image.width):
             raise ValueError(f"label map {labels.shape} and image {(image.height, image.width)} differ in size.")
         # Random resize: bilinear for the image, nearest for the labels.
-        size = _rescale_size(image.width, image.height, self.scale, _uniform(*self.ratio_range, generator))
+        size = _rescale_size(image.width, image.height, self.scale, _uniform(generator, *self.ratio_range))
         image = image.resize(size, Image.Resampling.BILINEAR)
         labels = np.asarray(Image.fromarray(labels.astype(np.int32)).resize(size, Image.Resampling.NEAREST))
         # Random crop avoiding crops dominated by one class (mmseg's RandomCrop).
@@ -213,7 +205,7 @@ class SegmentationTrainTransform:
                 box = self._crop_box(*labels.shape, generator)
         pixels = np.asarray(image)[box[0] : box[1], box[2] : box[3]]
         labels = labels[box[0] : box[1], box[2] : box[3]]
-        if _uniform(0.0, 1.0, generator) < self.flip_prob:
+        if _uniform(generator, 0.0, 1.0) < self.flip_prob:
             pixels, labels = pixels[:, ::-1], labels[:, ::-1]
         if self.photometric_distortion:
             pixels = photometric_distortion(np.ascontiguousarray(pixels), generator)
