@@ -548,7 +548,9 @@ class MAEImageDataset(_ImageSource, torch.utils.data.Dataset):
 
     def _marked(self, record: Any, err: BadImageError) -> dict[str, Any]:
         """The item of a bad image under `mark_bad_images`: zeros in its place, its label, the error naming it."""
-        logger.warning("Bad image kept as a marked item (%s).", err)
+        # No warning: the item carries the message, and its consumers report bad files themselves (extract_features
+        # raises or returns them, maekit extract-features counts and lists them).
+        logger.debug("Bad image kept as a marked item (%s).", err)
         if self._marker_shape is None:  # what the transform makes of a blank image: the shape of every good item
             blank = Image.new("RGB", (256, 256))
             self._marker_shape = tuple(self.transform(blank, torch.Generator().manual_seed(0)).shape)

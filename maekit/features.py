@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -240,18 +239,6 @@ class _ProcessorTransform:
         return self.processor(image, return_tensors="pt")["pixel_values"][0]
 
 
-@contextlib.contextmanager
-def _quiet_bad_image_warnings() -> Iterator[None]:
-    """No `maekit.data` warning per bad file (DataLoader workers started inside inherit this where they fork)."""
-    data_logger = logging.getLogger("maekit.data")
-    level = data_logger.level
-    data_logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        data_logger.setLevel(level)
-
-
 def _model_fingerprint(model: nn.Module) -> str:
     """A digest of the configuration and the weights: a restart must not mix chunks of two different models."""
     digest = hashlib.sha256(json.dumps(getattr(model.config, "to_dict", dict)(), sort_keys=True).encode())
@@ -420,8 +407,7 @@ def extract_features_to_file(
     num_bad = sum(len(_chunk_errors(parts, chunk)) for chunk in done)
     bar = tqdm(total=len(source), initial=resumed, unit="img", desc="extract-features", disable=not progress)
     try:
-        with _quiet_bad_image_warnings():  # the bar counts bad files, the result lists them: no line per file
-            _encode_chunks(encoder, loader, plan, parts, pooling, device, dtype, bar, num_bad, on_chunk)
+        _encode_chunks(encoder, loader, plan, parts, pooling, device, dtype, bar, num_bad, on_chunk)
     finally:
         bar.close()
         encoder.train(was_training)
