@@ -24,7 +24,6 @@ from accelerate.utils import DistributedType
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..data import build_dataloader
 from ..segmentation.inference import slide_inference, whole_inference
 from ..segmentation.metrics import SegmentationMetric
 from ..segmentation.transforms import segmentation_collate_fn
@@ -187,15 +186,7 @@ class SegmentationTask(Task):
         args, accelerator = trainer.args, trainer.accelerator
         model = accelerator.unwrap_model(trainer.model_for_inference())
         indices = list(range(process_index, len(trainer.eval_dataset), num_processes))
-        loader = build_dataloader(
-            trainer.eval_dataset,
-            args.per_device_eval_batch_size,
-            sampler=indices,
-            drop_last=False,
-            collate_fn=list,  # sizes may differ: `_stacks` groups what can be stacked
-            num_workers=args.dataloader_num_workers,
-            persistent_workers=False,
-        )
+        loader = trainer.eval_loader(indices, collate=list)  # sizes may differ: `_stacks` groups what can be stacked
         metric = SegmentationMetric(self.num_labels, self.ignore_index)
         loss_sum = 0.0
         was_training = model.training

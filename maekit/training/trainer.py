@@ -617,16 +617,21 @@ class Trainer:
         # Before `train` the model is not wrapped; preparing it alone here would wrap it twice later.
         return self.wrapped_model if self.wrapped_model is not None else self.model.to(self.accelerator.device)
 
-    def eval_loader(self, indices: list[int] | None = None, generator: torch.Generator | None = None):
+    def eval_loader(
+        self,
+        indices: list[int] | None = None,
+        generator: torch.Generator | None = None,
+        collate: Callable = collate_fn,
+    ):
         """A loader of `eval_dataset[i] for i in indices` in that order (this process's share, chosen by the task), or
-        of the whole `eval_dataset` in order; every sample kept, `maekit.data.collate_fn` batches."""
+        of the whole `eval_dataset` in order; every sample kept, batched by `collate` (`maekit.data.collate_fn`)."""
         return build_dataloader(
             self.eval_dataset,
             self.args.per_device_eval_batch_size,
             shuffle=False,
             sampler=indices,
             drop_last=False,
-            collate_fn=collate_fn,
+            collate_fn=collate,
             num_workers=self.args.dataloader_num_workers,
             persistent_workers=False,
             generator=generator,
