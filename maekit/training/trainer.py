@@ -769,10 +769,13 @@ class Trainer:
                 f"has {self.global_batch_size}; keep per_device_train_batch_size × processes × "
                 "gradient_accumulation_steps equal to resume (the data order and schedule depend on it)."
             )
-        if self.streaming:
+        position = (  # the same split of the same stream, checked before anything else
             StreamPosition.from_record(
                 record, path, self.accelerator, len(self.stream_position.batches), self.train_dataset
-            )  # the same split of the same stream, before anything else
+            )
+            if self.streaming
+            else None
+        )
         differences = self.signature().differences(record)
         if differences and not self.args.ignore_resume_mismatch:
             raise ValueError(
@@ -782,16 +785,20 @@ class Trainer:
             )
         if differences:
             self.warn(f"Resuming from {path} although {'; '.join(differences)} (ignore_resume_mismatch=True).")
-        self._load_checkpoint(path)
+        self._load_checkpoint(path, record, position)
         self.announce(
             f"Resumed from {path} at step {self.state.global_step} (epoch {self.epoch_at(self.state.global_step):.2f})."
         )
 
-    def _load_checkpoint(self, path: str | Path) -> None:
+    def _load_checkpoint(
+        self, path: str | Path, record: dict | None = None, position: StreamPosition | None = None
+    ) -> None:
+        """Load checkpoint `path`; `record` (its trainer_state.json) and `position` (its stream position) when the
+        caller has read them already."""
         path = Path(path)
-        record = self.checkpoints.read_record(path)
+        record = self.checkpoints.read_record(path) if record is None else record
         if self.streaming:
-            self.stream_position = StreamPosition.from_record(
+            self.stream_position = position or StreamPosition.from_record(
                 record, path, self.accelerator, len(self.stream_position.batches), self.train_dataset
             )
         self.accelerator.load_state(str(path))
