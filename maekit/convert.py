@@ -445,11 +445,17 @@ def load_official_checkpoint(
 
 
 def _official_model(
-    state_dict: dict[str, torch.Tensor], config: MAEConfig | None, model_class: type | None, source: str
+    state_dict: dict[str, torch.Tensor],
+    config: MAEConfig | None,
+    model_class: type | None,
+    source: str,
+    overrides: dict | None = None,
 ):
+    """The model of an official-layout state dict; without `config`, `config_from_official(state_dict, **overrides)`
+    (head counts, which the weights do not hold)."""
     if config is None:
         try:
-            config = config_from_official(state_dict)
+            config = config_from_official(state_dict, **(overrides or {}))
         except ValueError as err:
             raise ValueError(f"{source}: {err}") from err
     elif not isinstance(config, MAEConfig):
@@ -699,7 +705,7 @@ def _load_source(source: str, kind: str, model_class: type | None, heads: dict |
         if not heads:
             return load_official_checkpoint(source, model_class=model_class)
         state_dict, _ = _read_official_file(source)
-        return _official_model(state_dict, config_from_official(state_dict, **heads), model_class, str(source))
+        return _official_model(state_dict, None, model_class, str(source), overrides=heads)
     if kind == "timm":
         folder = Path(source)
         if folder.is_dir():
@@ -710,7 +716,7 @@ def _load_source(source: str, kind: str, model_class: type | None, heads: dict |
         num_heads = json.loads(Path(timm_config).read_text()).get("model_args", {}).get("num_heads")
         overrides = ({} if num_heads is None else {"num_attention_heads": num_heads}) | heads
         state_dict = load_official_state_dict(weights)
-        return _official_model(state_dict, config_from_official(state_dict, **overrides), model_class, str(weights))
+        return _official_model(state_dict, None, model_class, str(weights), overrides=overrides)
     if model_class is None:
         config_dict, _ = PretrainedConfig.get_config_dict(source)
         architectures = config_dict.get("architectures") or ["MAEForPreTraining"]
